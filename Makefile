@@ -1,0 +1,48 @@
+# The two commands a new user needs: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo demo-model test lint format unit integration e2e bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "This project needs Python 3.11 or newer; found " + sys.version.split()[0] + ".")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[model,dev]"
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m devstack.demo
+
+demo-model: venv
+	$(PY) -m roi_model.cli demo-model --out models/demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+integration: venv
+	$(PY) -m pytest -q tests/integration
+
+e2e: venv
+	$(PY) -m pytest -q tests/e2e
+
+test: lint
+	$(PY) -m pytest -q tests
+
+bench: venv
+	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

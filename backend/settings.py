@@ -1,0 +1,83 @@
+"""Configuration from the environment, read in this one place.
+
+Names follow Label Studio's own ML backends where one exists (LABEL_STUDIO_URL,
+LABEL_STUDIO_API_KEY, BASIC_AUTH_USER, ...); our own settings carry the ROI_ prefix.
+The worker reads the same settings (worker -> backend is an allowed import).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Label Studio
+    label_studio_url: str = "http://localhost:8080"
+    label_studio_api_key: str = ""
+    # Basic auth that Label Studio must send to us; enforced only when both are set.
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    # Redis: unset means "start (or reuse) an embedded redis-server" for development.
+    redis_url: str = ""
+    redis_data_dir: Path = Path(".cache/redis")
+    # Model registry: $MODEL_DIR/versions/<version>/ plus $MODEL_DIR/current.
+    model_dir: Path = Path(".cache/models")
+    log_level: str = "WARNING"
+    # How long /predict waits for an interactive caption before answering without one.
+    predict_timeout_s: float = 20.0
+    # Batch /predict answers up to this many tasks inline; larger selections go to the prelabel queue.
+    inline_predict_tasks: int = 8
+    max_new_tokens: int = 48
+    # Image fetching (worker/images.py)
+    image_allowed_hosts: tuple[str, ...] = ()
+    local_files_root: Path | None = None
+    image_max_bytes: int = 25 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    image_timeout_s: float = 10.0
+    # Fine-tuning triggers: every N new curated annotations (0 = off), and a cron schedule ("" = off).
+    train_every_annotations: int = 0
+    train_schedule: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, default)
+
+        root = get("ROI_LOCAL_FILES_ROOT")
+        return cls(
+            label_studio_url=(get("LABEL_STUDIO_URL") or get("LABEL_STUDIO_HOST") or cls.label_studio_url).rstrip(
+                "/"
+            ),
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY") or get("LABEL_STUDIO_ACCESS_TOKEN"),
+            basic_auth_user=get("BASIC_AUTH_USER"),
+            basic_auth_pass=get("BASIC_AUTH_PASS"),
+            redis_url=get("REDIS_URL"),
+            redis_data_dir=Path(get("ROI_REDIS_DIR", str(cls.redis_data_dir))),
+            model_dir=Path(get("MODEL_DIR", str(cls.model_dir))),
+            log_level=get("LOG_LEVEL", cls.log_level).upper(),
+            predict_timeout_s=float(get("ROI_PREDICT_TIMEOUT", str(cls.predict_timeout_s))),
+            inline_predict_tasks=int(get("ROI_INLINE_PREDICT_TASKS", str(cls.inline_predict_tasks))),
+            max_new_tokens=int(get("ROI_MAX_NEW_TOKENS", str(cls.max_new_tokens))),
+            image_allowed_hosts=_split(get("ROI_IMAGE_ALLOWED_HOSTS")),
+            local_files_root=Path(root) if root else None,
+            image_max_bytes=int(get("ROI_IMAGE_MAX_BYTES", str(cls.image_max_bytes))),
+            image_max_pixels=int(get("ROI_IMAGE_MAX_PIXELS", str(cls.image_max_pixels))),
+            image_timeout_s=float(get("ROI_IMAGE_TIMEOUT", str(cls.image_timeout_s))),
+            train_every_annotations=int(get("ROI_TRAIN_EVERY", str(cls.train_every_annotations))),
+            train_schedule=get("ROI_TRAIN_SCHEDULE"),
+        )
+
+    def as_dict(self) -> dict:
+        """For logs and /health: everything but secrets."""
+        hidden = {"label_studio_api_key", "basic_auth_pass"}
+        return {f.name: ("***" if f.name in hidden and getattr(self, f.name) else str(getattr(self, f.name))) for f in fields(self)}
