@@ -55,9 +55,9 @@ class Settings:
 
         root = get("ROI_LOCAL_FILES_ROOT")
         return cls(
-            label_studio_url=(get("LABEL_STUDIO_URL") or get("LABEL_STUDIO_HOST") or cls.label_studio_url).rstrip(
-                "/"
-            ),
+            label_studio_url=(
+                get("LABEL_STUDIO_URL") or get("LABEL_STUDIO_HOST") or cls.label_studio_url
+            ).rstrip("/"),
             label_studio_api_key=get("LABEL_STUDIO_API_KEY") or get("LABEL_STUDIO_ACCESS_TOKEN"),
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
@@ -80,4 +80,7 @@ class Settings:
     def as_dict(self) -> dict:
         """For logs and /health: everything but secrets."""
         hidden = {"label_studio_api_key", "basic_auth_pass"}
-        return {f.name: ("***" if f.name in hidden and getattr(self, f.name) else str(getattr(self, f.name))) for f in fields(self)}
+        return {
+            f.name: ("***" if f.name in hidden and getattr(self, f.name) else str(getattr(self, f.name)))
+            for f in fields(self)
+        }

@@ -1,0 +1,99 @@
+"""Putting a region-LLM together: from a config and a tokenizer, and to and from a directory.
+
+A model directory is a Hugging Face layout that loads offline: config.json, model.safetensors,
+the tokenizer files and generation_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from .configuration import SPECIAL_TOKENS, RegionLLMConfig
+from .modeling import RegionLLMForCausalLM
+from .processing import RegionProcessor
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, config: RegionLLMConfig) -> int:
+    """Add the image and box tokens the tokenizer lacks and record their ids in the config.
+
+    Returns how many tokens were new (the embeddings must grow by that much).
+    """
+    added = tokenizer.add_tokens(
+        [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()], special_tokens=True
+    )
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    (
+        config.image_patch_token_id,
+        config.bbox_token_id,
+        config.image_start_token_id,
+        config.image_end_token_id,
+    ) = ids
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return added
+
+
+def build_model(
+    config: RegionLLMConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[RegionLLMForCausalLM, RegionProcessor]:
+    """A freshly initialised model whose vocabulary matches the tokenizer."""
+    add_special_tokens(tokenizer, config)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    model = RegionLLMForCausalLM(config)
+    model.generation_config = default_generation_config(config, tokenizer)
+    return model, RegionProcessor(tokenizer, config, model.num_image_tokens)
+
+
+def default_generation_config(
+    config: RegionLLMConfig, tokenizer: PreTrainedTokenizerBase
+) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=48,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        stop_strings=list(config.stop_strings) or None,
+    )
+
+
+def save_pretrained(model: RegionLLMForCausalLM, processor: RegionProcessor, directory: str | Path) -> None:
+    model.save_pretrained(directory)
+    # not a GenerationMixin (generation goes through the language model), so save it ourselves
+    model.generation_config.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def load_pretrained(
+    directory: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[RegionLLMForCausalLM, RegionProcessor]:
+    """Load a model directory with no network access."""
+    model = RegionLLMForCausalLM.from_pretrained(
+        directory, dtype=dtype or torch.float32, local_files_only=True
+    )
+    if (Path(directory) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+    if device is not None and torch.device(device).type != "cpu":
+        model.to(device)
+    else:
+        _own_memory(model)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, RegionProcessor(tokenizer, model.config, model.num_image_tokens)
+
+
+@torch.no_grad()
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy weights out of the memory-mapped checkpoint into ordinary (aligned) tensors.
+
+    Tensors mapped at unaligned file offsets take other BLAS code paths, and the logits would
+    differ in their last bits from those of the model that was saved.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()

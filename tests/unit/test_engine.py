@@ -1,0 +1,147 @@
+"""The fast engine gives, token for token, the plain path's greedy answers, and does less work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny, noise_image
+
+from roi_model.engine import ByteBoundedLRU, ImageRequest, RegionEngine, RegionQuery
+from roi_model.generation import GenerationOptions, generate_answer
+
+CAPTION = "Describe <region1> briefly."
+
+
+def mixed_requests() -> list[ImageRequest]:
+    """Different images (sizes, aspect ratios), numbers of regions, question lengths and token limits."""
+    return [
+        ImageRequest(
+            noise_image(200, 100, 1),
+            [
+                RegionQuery(CAPTION, [[0.1, 0.1, 0.5, 0.5]]),
+                RegionQuery("Is <region1> left of <region2>?", [[0.1, 0.1, 0.5, 0.5], [0.6, 0.2, 0.9, 0.8]]),
+                RegionQuery(
+                    "Which is larger, <region2> or <region1>? what colour is <region3>?",
+                    [[0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.6, 0.6], [0.7, 0.1, 0.95, 0.3]],
+                ),
+            ],
+            GenerationOptions(max_new_tokens=9),
+        ),
+        ImageRequest(
+            noise_image(90, 150, 2),
+            [RegionQuery("What colour is <region1>?", [[0.2, 0.3, 0.4, 0.9]])],
+            GenerationOptions(max_new_tokens=4),
+        ),
+        ImageRequest(
+            noise_image(64, 64, 3),
+            [RegionQuery(CAPTION, [[0.5, 0.5, 0.7, 0.6]]), RegionQuery(CAPTION, [[0.05, 0.6, 0.3, 0.95]])],
+            GenerationOptions(max_new_tokens=7),
+        ),
+    ]
+
+
+def plain_answers(model, processor, requests):
+    return [
+        [
+            generate_answer(model, processor, request.image, query.boxes, query.question, request.options)
+            for query in request.queries
+        ]
+        for request in requests
+    ]
+
+
+@pytest.mark.parametrize("kind", ["convnext", "clip"])
+def test_engine_matches_the_plain_path_token_for_token(kind):
+    model, processor = make_tiny(kind)
+    requests = mixed_requests()
+    engine_answers = RegionEngine(model, processor).answer(requests)
+    for plain_row, engine_row in zip(plain_answers(model, processor, requests), engine_answers, strict=True):
+        for plain, fast in zip(plain_row, engine_row, strict=True):
+            assert fast.token_ids == plain.token_ids
+            assert fast.text == plain.text
+            assert fast.score == pytest.approx(plain.score, abs=1e-4)
+
+
+def test_small_batches_and_repeated_calls_give_the_same_answers(tiny):
+    model, processor = tiny
+    requests = mixed_requests()
+    expected = RegionEngine(model, processor).answer(requests)
+    assert RegionEngine(model, processor, max_batch_rows=2).answer(requests) == expected
+    engine = RegionEngine(model, processor)
+    engine.answer(requests[:1])
+    assert engine.answer(requests) == expected  # caches warm for the first image
+
+
+def test_a_new_box_on_a_seen_image_skips_the_vision_tower_and_the_prefix(tiny):
+    model, processor = tiny
+    engine = RegionEngine(model, processor)
+    image = noise_image(120, 90, 5)
+    vision_calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *_: vision_calls.append(1))
+    try:
+        engine.answer([ImageRequest(image, [RegionQuery(CAPTION, [[0.1, 0.1, 0.4, 0.4]])])])
+        engine.answer([ImageRequest(image.copy(), [RegionQuery(CAPTION, [[0.5, 0.5, 0.9, 0.8]])])])
+    finally:
+        hook.remove()
+    assert len(vision_calls) == 1
+    stats = engine.stats()
+    assert stats["feature_cache"]["hits"] == 1 and stats["prefix_cache"]["hits"] == 1
+    assert stats["peak_cache_bytes"] > 0
+
+
+def test_caches_stay_within_their_byte_budget(tiny):
+    model, processor = tiny
+    probe = RegionEngine(model, processor)
+    probe.answer([ImageRequest(noise_image(50, 50), [RegionQuery(CAPTION, [[0.1, 0.1, 0.4, 0.4]])])])
+    one_image = probe.features.bytes
+    engine = RegionEngine(model, processor, feature_cache_bytes=2 * one_image + 1)
+    for seed in range(5):
+        engine.answer(
+            [ImageRequest(noise_image(50, 50, seed), [RegionQuery(CAPTION, [[0.1, 0.1, 0.4, 0.4]])])]
+        )
+    assert len(engine.features.entries) == 2
+    assert engine.features.bytes <= engine.features.max_bytes
+    assert engine.features.peak_bytes <= engine.features.max_bytes
+
+
+def test_lru_evicts_the_least_recently_used():
+    cache = ByteBoundedLRU(max_bytes=3 * 4 * 10)  # room for three 10-float tensors
+    for key in "abc":
+        cache.put(key, torch.zeros(10))
+    cache.get("a")
+    cache.put("d", torch.zeros(10))
+    assert list(cache.entries) == ["c", "a", "d"]
+    cache.put("huge", torch.zeros(1000))
+    assert "huge" not in cache.entries
+
+
+def test_each_row_stops_on_its_own_stop_strings(tiny):
+    model, processor = tiny
+    image = noise_image(80, 80, 7)
+    box = [[0.2, 0.2, 0.7, 0.7]]
+    (free,) = RegionEngine(model, processor).answer(
+        [ImageRequest(image, [RegionQuery(CAPTION, box)], GenerationOptions(max_new_tokens=6))]
+    )
+    first_word = processor.tokenizer.decode(free[0].token_ids[:1])
+    stopping = GenerationOptions(max_new_tokens=6, stop_strings=(first_word,))
+    answers = RegionEngine(model, processor).answer(
+        [
+            ImageRequest(image, [RegionQuery(CAPTION, box)], stopping),
+            ImageRequest(image, [RegionQuery(CAPTION, box)], GenerationOptions(max_new_tokens=6)),
+        ]
+    )
+    assert len(answers[0][0].token_ids) == 1 and answers[0][0].text == ""
+    assert answers[1][0].token_ids == free[0].token_ids
+    assert (
+        answers[0][0].token_ids == generate_answer(model, processor, image, box, CAPTION, stopping).token_ids
+    )
+
+
+def test_bad_input_fails_before_any_work(tiny):
+    model, processor = tiny
+    engine = RegionEngine(model, processor)
+    good = ImageRequest(noise_image(40, 40), [RegionQuery(CAPTION, [[0.1, 0.1, 0.4, 0.4]])])
+    bad = ImageRequest(noise_image(40, 40, 1), [RegionQuery(CAPTION, [[0.5, 0.5, 0.5, 0.8]])])
+    with pytest.raises(ValueError, match="zero area"):
+        engine.answer([good, bad])
+    assert engine.stats()["feature_cache"]["misses"] == 0

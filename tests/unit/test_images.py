@@ -1,0 +1,514 @@
+"""worker.images against real HTTP servers on loopback: a stand-in Label Studio and a second image host."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+import pytest
+from PIL import Image
+
+from backend.settings import Settings
+from worker.images import ImageRejected, ImageUnavailable, image_digest, load_image
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+# --- test images ---------------------------------------------------------------------------------------
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def two_halves(size: tuple[int, int], left: tuple, right: tuple, mode: str = "RGB") -> Image.Image:
+    """An image whose left half is `left` and right half is `right`."""
+    image = Image.new(mode, size, left)
+    image.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A real `side` x `side` 1-bit PNG: 400 Mpx that compress to a few tens of KB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + side // 8)  # filter byte + packed pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, bytes]:
+    stored = two_halves((40, 20), RED, BLUE)  # stored landscape; EXIF says: rotate 90° clockwise to display
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+    animated = io.BytesIO()
+    Image.new("RGB", (8, 8), RED).save(
+        animated, "GIF", save_all=True, append_images=[Image.new("RGB", (8, 8), BLUE)]
+    )
+    return {
+        "png": encode(two_halves((64, 48), RED, GREEN), "PNG"),
+        "rotated.jpg": encode(stored, "JPEG", exif=exif, quality=95),
+        "not-an-image": b"<html><body>login required</body></html>",
+        "truncated.png": encode(noise, "PNG")[: len(encode(noise, "PNG")) // 2],
+        "bomb.png": png_bomb(),
+        "large.png": encode(Image.new("RGB", (300, 300), GREEN), "PNG"),
+        "transparent.png": encode(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), "PNG"),
+        "animated.gif": animated.getvalue(),
+        "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+    }
+
+
+# --- HTTP servers --------------------------------------------------------------------------------------
+
+
+class RecordingServer:
+    """An HTTP server on 127.0.0.1 answering from `routes` (path -> callable) and recording every request."""
+
+    def __init__(self, host_name: str) -> None:
+        self.routes: dict[str, Callable[[BaseHTTPRequestHandler], Reply]] = {}
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.released = threading.Event()  # slow routes wait for this (set at teardown)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.answer()
+
+            def do_POST(self) -> None:
+                self.answer()
+
+            def answer(self) -> None:
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                route = server.routes.get(urlsplit(self.path).path)
+                status, headers, body = route(self) if route else (404, {}, b"not found")
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up reading, as it should for refused bodies
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://{host_name}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+
+    def serve(self, path: str, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.routes[path] = lambda request: (
+            status,
+            {"Content-Length": str(len(body)), **(headers or {})},
+            body,
+        )
+
+    def redirect(self, path: str, location: str, status: int = 302) -> None:
+        self.routes[path] = lambda request: (status, {"Location": location, "Content-Length": "0"}, b"")
+
+    def headers_for(self, path: str) -> list[dict[str, str]]:
+        return [headers for _, request_path, headers in self.requests if urlsplit(request_path).path == path]
+
+    def close(self) -> None:
+        self.released.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeLabelStudio(RecordingServer):
+    """Serves images only with a valid token; implements /api/token/refresh/ and the presign redirect."""
+
+    def __init__(self, personal_access_token: str) -> None:
+        super().__init__("127.0.0.1")
+        self.personal_access_token = personal_access_token
+        self.issued: list[str] = []
+        self.routes["/api/token/refresh/"] = self.refresh
+
+    def refresh(self, request: BaseHTTPRequestHandler) -> Reply:
+        body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
+        if body.get("refresh") != self.personal_access_token:
+            return 401, {"Content-Length": "2"}, b"{}"
+        now = int(time.time())
+        claims = {"token_type": "access", "iat": now, "exp": now + 300, "n": len(self.issued)}
+        access = jwt.encode(claims, SIGNING_KEY)
+        self.issued.append(access)
+        reply = json.dumps({"access": access}).encode()
+        return 200, {"Content-Type": "application/json", "Content-Length": str(len(reply))}, reply
+
+    def authorized(self, request: BaseHTTPRequestHandler) -> bool:
+        allowed = {f"Token {LEGACY_KEY}", *(f"Bearer {token}" for token in self.issued)}
+        return request.headers.get("Authorization") in allowed
+
+    def serve_protected(self, path: str, body: bytes) -> None:
+        def route(request: BaseHTTPRequestHandler) -> Reply:
+            if not self.authorized(request):
+                return 401, {"Content-Length": "0"}, b""
+            return 200, {"Content-Length": str(len(body))}, body
+
+        self.routes[path] = route
+
+    def presign(self, task_id: int, expected_uri: str, location: str) -> None:
+        def route(request: BaseHTTPRequestHandler) -> Reply:
+            fileuri = parse_qs(urlsplit(request.path).query)["fileuri"][0]
+            if not self.authorized(request) or base64.urlsafe_b64decode(fileuri).decode() != expected_uri:
+                return 403, {"Content-Length": "0"}, b""
+            return 303, {"Location": location, "Content-Length": "0"}, b""
+
+        self.routes[f"/tasks/{task_id}/presign/"] = route
+
+
+SIGNING_KEY = "signing key of the stand-in Label Studio, 32+ bytes"
+PAT = jwt.encode({"token_type": "refresh", "iat": 1, "exp": 4_000_000_000, "jti": "pat"}, SIGNING_KEY)
+
+
+@pytest.fixture
+def label_studio(files) -> Iterator[FakeLabelStudio]:
+    server = FakeLabelStudio(personal_access_token=PAT)
+    server.serve_protected("/data/upload/3/a.png", files["png"])
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def other_host() -> Iterator[RecordingServer]:
+    server = RecordingServer("localhost")  # another host name for the same loopback address
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def settings(label_studio: FakeLabelStudio, tmp_path: Path) -> Settings:
+    return Settings(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=LEGACY_KEY,
+        image_allowed_hosts=("localhost",),
+        local_files_root=tmp_path / "root",
+        image_timeout_s=2.0,
+    )
+
+
+def assert_color(pixel: tuple, expected: tuple, tolerance: int = 40) -> None:
+    assert all(abs(got - want) <= tolerance for got, want in zip(pixel, expected, strict=True)), (
+        pixel,
+        expected,
+    )
+
+
+# --- Label Studio URLs and credentials -----------------------------------------------------------------
+
+
+def test_an_upload_comes_from_label_studio_with_the_legacy_token(label_studio, settings):
+    image = load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert image.mode == "RGB"
+    assert image.size == (64, 48)
+    assert image.getpixel((5, 5)) == RED
+    assert image.getpixel((60, 5)) == GREEN
+    assert label_studio.headers_for("/data/upload/3/a.png")[0]["Authorization"] == f"Token {LEGACY_KEY}"
+
+
+def test_a_local_storage_url_is_fetched_from_label_studio(label_studio, settings, files):
+    label_studio.serve_protected("/data/local-files/", files["png"])
+
+    load_image("/data/local-files/?d=imgs/a.png", task_id=None, settings=settings)
+
+    _, path, headers = label_studio.requests[-1]
+    assert path == "/data/local-files/?d=imgs/a.png"
+    assert headers["Authorization"] == f"Token {LEGACY_KEY}"
+
+
+def test_exif_orientation_is_applied(label_studio, settings, files):
+    label_studio.serve_protected("/data/upload/3/rotated.jpg", files["rotated.jpg"])
+
+    image = load_image("/data/upload/3/rotated.jpg", task_id=17, settings=settings)
+
+    # Stored 40x20 with red left, blue right; turned 90° clockwise the red half is on top.
+    assert image.size == (20, 40)
+    assert_color(image.getpixel((10, 5)), RED)
+    assert_color(image.getpixel((10, 35)), BLUE)
+
+
+def test_a_personal_access_token_is_exchanged_once_and_sent_as_bearer(label_studio, settings):
+    settings = dataclasses.replace(settings, label_studio_api_key=PAT)
+
+    load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+    load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert len(label_studio.issued) == 1, "the access token must be cached, not refreshed per image"
+    sent = [headers["Authorization"] for headers in label_studio.headers_for("/data/upload/3/a.png")]
+    assert sent == [f"Bearer {label_studio.issued[0]}"] * 2
+    assert all(PAT not in value for value in sent)
+
+
+def test_a_refused_personal_access_token_is_a_clear_error(label_studio, settings):
+    wrong = jwt.encode({"token_type": "refresh", "jti": "someone-else"}, SIGNING_KEY)
+    settings = dataclasses.replace(settings, label_studio_api_key=wrong)
+
+    with pytest.raises(ImageRejected, match="Label Studio refused LABEL_STUDIO_API_KEY") as refusal:
+        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+    assert wrong not in str(refusal.value)
+
+
+def test_label_studio_refusing_the_key_is_a_permanent_error(label_studio, settings):
+    settings = dataclasses.replace(settings, label_studio_api_key="not-the-key")
+
+    with pytest.raises(ImageRejected, match="HTTP 401") as refusal:
+        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+    assert not isinstance(refusal.value, ImageUnavailable)
+    assert "not-the-key" not in str(refusal.value)
+
+
+def test_a_cloud_uri_goes_through_the_presign_redirect_without_the_token(
+    label_studio, other_host, settings, files
+):
+    other_host.serve("/bucket/key.png", files["png"])
+    label_studio.presign(17, "s3://bucket/key.png", f"{other_host.url}/bucket/key.png?X-Amz-Signature=secret")
+
+    image = load_image("s3://bucket/key.png", task_id=17, settings=settings)
+
+    assert image.size == (64, 48)
+    assert label_studio.headers_for("/tasks/17/presign/")[0]["Authorization"] == f"Token {LEGACY_KEY}"
+    assert "Authorization" not in other_host.headers_for("/bucket/key.png")[0]
+
+
+def test_a_cloud_uri_needs_the_task_id(settings):
+    with pytest.raises(ImageRejected, match="needs the task id"):
+        load_image("gs://bucket/key.png", task_id=None, settings=settings)
+
+
+def test_the_token_is_never_logged(label_studio, other_host, settings, files, caplog):
+    other_host.serve("/b.png", files["png"])
+    caplog.set_level(logging.DEBUG)
+
+    load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+    load_image(f"{other_host.url}/b.png", task_id=17, settings=settings)
+
+    assert "a.png" in caplog.text
+    assert LEGACY_KEY not in caplog.text
+
+
+# --- other hosts, redirects, limits --------------------------------------------------------------------
+
+
+def test_an_allowed_host_gets_no_token(other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+
+    image = load_image(f"{other_host.url}/b.png", task_id=17, settings=settings)
+
+    assert image.size == (64, 48)
+    assert "Authorization" not in other_host.headers_for("/b.png")[0]
+
+
+def test_a_host_not_in_the_allow_list_is_refused_before_any_request(other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+    settings = dataclasses.replace(settings, image_allowed_hosts=("images.example.com",))
+
+    with pytest.raises(ImageRejected) as refusal:
+        load_image(f"{other_host.url}/b.png", task_id=17, settings=settings)
+
+    assert str(refusal.value) == (
+        f"image {other_host.url}/b.png refused: host 'localhost' is not in ROI_IMAGE_ALLOWED_HOSTS"
+    )
+    assert other_host.requests == []
+
+
+def test_a_redirect_to_a_disallowed_host_is_refused(label_studio, other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+    label_studio.redirect("/data/upload/3/moved.png", f"{other_host.url}/b.png?sig=1")
+    settings = dataclasses.replace(settings, image_allowed_hosts=())
+
+    with pytest.raises(
+        ImageRejected, match=rf"redirect to {other_host.url}/b.png: host 'localhost' is not in"
+    ):
+        load_image("/data/upload/3/moved.png", task_id=17, settings=settings)
+    assert other_host.requests == []
+
+
+def test_more_than_three_redirects_are_refused(label_studio, settings):
+    label_studio.redirect("/data/upload/loop.png", "/data/upload/loop.png")
+
+    with pytest.raises(ImageRejected, match="more than 3 redirects"):
+        load_image("/data/upload/loop.png", task_id=17, settings=settings)
+    assert len(label_studio.headers_for("/data/upload/loop.png")) == 4
+
+
+def test_a_body_over_the_byte_cap_is_refused_from_its_content_length(other_host, settings, files):
+    other_host.serve("/big.png", files["large.png"])
+    settings = dataclasses.replace(settings, image_max_bytes=len(files["large.png"]) - 1)
+
+    with pytest.raises(ImageRejected, match="more than ROI_IMAGE_MAX_BYTES"):
+        load_image(f"{other_host.url}/big.png", task_id=17, settings=settings)
+
+
+def test_a_body_over_the_byte_cap_is_refused_while_streaming(other_host, settings):
+    endless = b"\x89PNG" + b"\x00" * 5_000_000
+    other_host.routes["/stream.png"] = lambda request: (200, {}, endless)  # no Content-Length
+    settings = dataclasses.replace(settings, image_max_bytes=100_000)
+
+    with pytest.raises(ImageRejected, match="body is larger than ROI_IMAGE_MAX_BYTES=100000"):
+        load_image(f"{other_host.url}/stream.png", task_id=17, settings=settings)
+
+
+def test_a_slow_server_is_given_up_on_after_the_timeout(other_host, settings, files):
+    def slow(request: BaseHTTPRequestHandler) -> Reply:
+        other_host.released.wait(timeout=30)
+        return 200, {"Content-Length": str(len(files["png"]))}, files["png"]
+
+    other_host.routes["/slow.png"] = slow
+    settings = dataclasses.replace(settings, image_timeout_s=0.3)
+
+    started = time.monotonic()
+    with pytest.raises(ImageUnavailable, match=r"did not answer within 0\.3 s"):
+        load_image(f"{other_host.url}/slow.png", task_id=17, settings=settings)
+    assert time.monotonic() - started < 3
+
+
+def test_http_errors_tell_permanent_from_transient(other_host, settings):
+    other_host.serve("/gone.png", b"", status=404)
+    other_host.serve("/busy.png", b"", status=503)
+
+    with pytest.raises(ImageRejected, match="HTTP 404") as gone:
+        load_image(f"{other_host.url}/gone.png", task_id=17, settings=settings)
+    assert not isinstance(gone.value, ImageUnavailable)
+    with pytest.raises(ImageUnavailable, match="HTTP 503"):
+        load_image(f"{other_host.url}/busy.png", task_id=17, settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [("ftp://files.example.com/a.png", "unsupported URL scheme 'ftp'"), ("", "the image URL is empty")],
+)
+def test_unusable_urls_are_refused(settings, url, problem):
+    with pytest.raises(ImageRejected, match=problem):
+        load_image(url, task_id=17, settings=settings)
+
+
+# --- decoding ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("not-an-image", "not an image in a supported format"),
+        ("eps", "not an image in a supported format"),
+        ("truncated.png", "broken image data"),
+        ("bomb.png", "decompression bomb"),
+    ],
+)
+def test_bad_image_data_is_refused(other_host, settings, files, name, problem):
+    other_host.serve(f"/{name}", files[name])
+    settings = dataclasses.replace(settings, image_max_pixels=10**12)  # leave the bomb to Pillow's own check
+
+    with pytest.raises(ImageRejected, match=problem):
+        load_image(f"{other_host.url}/{name}", task_id=17, settings=settings)
+
+
+def test_too_many_pixels_are_refused_from_the_header(other_host, settings, files):
+    other_host.serve("/large.png", files["large.png"])
+    settings = dataclasses.replace(settings, image_max_pixels=10_000)
+
+    with pytest.raises(ImageRejected, match="300x300 is 90000 pixels, more than ROI_IMAGE_MAX_PIXELS=10000"):
+        load_image(f"{other_host.url}/large.png", task_id=17, settings=settings)
+
+
+def test_an_animation_gives_its_first_frame(other_host, settings, files):
+    other_host.serve("/animated.gif", files["animated.gif"])
+
+    image = load_image(f"{other_host.url}/animated.gif", task_id=17, settings=settings)
+
+    assert image.mode == "RGB"
+    assert_color(image.getpixel((4, 4)), RED, tolerance=0)
+
+
+def test_transparency_is_composited_onto_white(other_host, settings, files):
+    other_host.serve("/transparent.png", files["transparent.png"])
+
+    image = load_image(f"{other_host.url}/transparent.png", task_id=17, settings=settings)
+
+    assert image.getpixel((1, 1)) == (255, 255, 255)
+
+
+# --- local files ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_root(settings: Settings, files: dict[str, bytes]) -> Path:
+    root = settings.local_files_root
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(files["png"])
+    return root
+
+
+def test_local_paths_inside_the_root_are_read(settings, local_root):
+    for url in (str(local_root / "imgs" / "a.png"), "imgs/a.png", (local_root / "imgs" / "a.png").as_uri()):
+        assert load_image(url, task_id=None, settings=settings).size == (64, 48), url
+
+
+def test_a_dot_dot_escape_is_refused(settings, local_root, tmp_path):
+    (tmp_path / "secret.png").write_bytes(b"secret")
+
+    for url in (f"{local_root}/imgs/../../secret.png", "../secret.png"):
+        with pytest.raises(ImageRejected, match="outside ROI_LOCAL_FILES_ROOT"):
+            load_image(url, task_id=None, settings=settings)
+
+
+def test_a_symlink_escape_is_refused(settings, local_root, tmp_path, files):
+    (tmp_path / "outside.png").write_bytes(files["png"])
+    (local_root / "imgs" / "link.png").symlink_to(tmp_path / "outside.png")
+
+    with pytest.raises(ImageRejected, match="outside ROI_LOCAL_FILES_ROOT"):
+        load_image(str(local_root / "imgs" / "link.png"), task_id=None, settings=settings)
+
+
+def test_local_files_are_refused_without_a_root(settings, local_root):
+    settings = dataclasses.replace(settings, local_files_root=None)
+
+    with pytest.raises(ImageRejected, match="local files are disabled"):
+        load_image(str(local_root / "imgs" / "a.png"), task_id=None, settings=settings)
+
+
+def test_a_missing_local_file_is_a_clear_error(settings, local_root):
+    with pytest.raises(ImageRejected, match="no such file"):
+        load_image("imgs/missing.png", task_id=None, settings=settings)
+
+
+# --- digest --------------------------------------------------------------------------------------------
+
+
+def test_the_digest_depends_on_the_pixels_not_the_file_format():
+    picture = two_halves((64, 48), RED, GREEN)
+    from_png = Image.open(io.BytesIO(encode(picture, "PNG")))
+    from_bmp = Image.open(io.BytesIO(encode(picture, "BMP")))
+    changed = picture.copy()
+    changed.putpixel((0, 0), BLUE)
+
+    assert image_digest(from_png) == image_digest(from_bmp) == image_digest(picture)
+    assert image_digest(changed) != image_digest(picture)
+    assert image_digest(picture.resize((48, 64))) != image_digest(picture)

@@ -1,0 +1,322 @@
+"""backend.labeling: label configs to labeling schemes, and per-project prompts."""
+
+from pathlib import Path
+
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.labeling import LabelingScheme, Prompts, UnsupportedConfig, scheme_from_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
+
+RECTANGLE = '<RectangleLabels name="label" toName="image"><Label value="Object"/></RectangleLabels>'
+
+
+def view(*tags: str) -> str:
+    return "<View>" + "".join(tags) + "</View>"
+
+
+IMAGE = '<Image name="image" value="$image"/>'
+
+
+def read_config(name: str) -> str:
+    return (CONFIGS / name).read_text()
+
+
+EXPECTED = {
+    "region_captioning.xml": dict(
+        kind="caption",
+        answer="caption",
+        answer_type="textarea",
+        per_region=True,
+        smart=True,
+    ),
+    "region_qa.xml": dict(
+        kind="region_qa",
+        answer="answer",
+        answer_type="textarea",
+        per_region=True,
+        question="question",
+    ),
+    "multi_region_reasoning.xml": dict(
+        kind="reasoning",
+        answer="answer",
+        answer_type="textarea",
+        per_region=False,
+        question="question",
+        question_key="question",
+    ),
+    "region_classification.xml": dict(
+        kind="classification",
+        answer="category",
+        answer_type="choices",
+        per_region=True,
+        choices=("Person", "Vehicle", "Animal", "Furniture", "Other"),
+        smart=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_shipped_config_is_valid_and_gives_its_scheme(name):
+    xml = read_config(name)
+    LabelInterface(xml).validate()  # raises on an invalid config
+
+    expected = LabelingScheme(
+        image="image",
+        image_key="image",
+        rectangle="label",
+        rectangle_type="rectanglelabels",
+        default_label="Object",
+        label_config=xml,
+        **EXPECTED[name],
+    )
+    assert scheme_from_config(xml) == expected
+
+
+def test_the_shipped_configs_are_exactly_the_four_kinds():
+    assert sorted(p.name for p in CONFIGS.glob("*.xml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ("<View><Image name='image' value='$image'>", "label config is not valid XML"),
+        ("", "label config is empty"),
+        (
+            view('<Text name="t" value="$t"/>', '<TextArea name="a" toName="t" perRegion="true"/>'),
+            "no <Image> object",
+        ),
+        (
+            view(IMAGE, '<TextArea name="caption" toName="image" perRegion="true"/>'),
+            "no Rectangle/RectangleLabels control on image 'image'",
+        ),
+        (view(IMAGE, RECTANGLE), "nothing for the model to fill: add a per-region TextArea or Choices"),
+        (
+            view('<Image name="image" value="http://example.com/a.jpg"/>', RECTANGLE),
+            "must be a task data key like $image",
+        ),
+        (
+            view(IMAGE, RECTANGLE, '<TextArea name="answer" toName="image"/>'),
+            "TextArea 'answer' is not per-region, and there is no <Text value=\"$question\">",
+        ),
+        (
+            view(IMAGE, RECTANGLE, '<Choices name="category" toName="image" perRegion="true"></Choices>'),
+            "Choices 'category' has no <Choice>",
+        ),
+    ],
+    ids=[
+        "not-xml",
+        "empty",
+        "no-image",
+        "no-rectangle",
+        "nothing-to-fill",
+        "fixed-image-url",
+        "no-question",
+        "no-choice",
+    ],
+)
+def test_unsupported_configs_name_their_problem(xml, message):
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(xml)
+    assert message in str(error.value)
+
+
+def test_unsupported_config_is_a_value_error():
+    assert issubclass(UnsupportedConfig, ValueError)
+
+
+def test_plain_rectangle_without_labels_has_no_default_label():
+    xml = view(
+        IMAGE,
+        '<Rectangle name="box" toName="image"/>',
+        '<TextArea name="caption" toName="image" perRegion="true"/>',
+    )
+    scheme = scheme_from_config(xml)
+    assert (scheme.kind, scheme.rectangle, scheme.rectangle_type, scheme.default_label, scheme.smart) == (
+        "caption",
+        "box",
+        "rectangle",
+        None,
+        False,
+    )
+
+
+def test_roles_are_found_by_tag_not_by_name():
+    xml = view(
+        '<Image name="photo" value="$url"/>',
+        '<RectangleLabels name="boxes" toName="photo" smartOnly="true"><Label value="Car"/><Label value="Tree"/>'
+        "</RectangleLabels>",
+        '<TextArea name="words" toName="photo" perRegion="true"/>',
+    )
+    scheme = scheme_from_config(xml)
+    assert (
+        scheme.image,
+        scheme.image_key,
+        scheme.rectangle,
+        scheme.default_label,
+        scheme.answer,
+        scheme.smart,
+    ) == (
+        "photo",
+        "url",
+        "boxes",
+        "Car",
+        "words",
+        True,
+    )
+
+
+def test_the_image_with_a_rectangle_tool_is_chosen():
+    xml = view(
+        '<Image name="reference" value="$reference"/>',
+        IMAGE,
+        RECTANGLE,
+        '<TextArea name="caption" toName="image" perRegion="true"/>',
+    )
+    assert scheme_from_config(xml).image == "image"
+
+
+def test_per_region_choices_win_over_per_region_textareas():
+    xml = view(
+        IMAGE,
+        RECTANGLE,
+        '<TextArea name="note" toName="image" perRegion="true"/>',
+        '<Choices name="kind" toName="image" perRegion="true"><Choice value="A"/><Choice value="B"/></Choices>',
+    )
+    scheme = scheme_from_config(xml)
+    assert (scheme.kind, scheme.answer, scheme.choices) == ("classification", "kind", ("A", "B"))
+
+
+THREE_TEXTAREAS = view(
+    IMAGE,
+    RECTANGLE,
+    '<TextArea name="notes" toName="image" perRegion="true"/>',
+    '<TextArea name="caption" toName="image" perRegion="true"/>',
+    '<TextArea name="q" toName="image" perRegion="true"/>',
+)
+
+
+def test_without_overrides_the_first_two_per_region_textareas_are_question_and_answer():
+    scheme = scheme_from_config(THREE_TEXTAREAS)
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "notes", "caption")
+
+
+def test_naming_only_the_answer_makes_a_caption_scheme():
+    scheme = scheme_from_config(THREE_TEXTAREAS, {"controls": {"answer": "caption"}})
+    assert (scheme.kind, scheme.question, scheme.answer) == ("caption", None, "caption")
+
+
+def test_naming_question_and_answer_picks_them():
+    scheme = scheme_from_config(THREE_TEXTAREAS, {"controls": {"question": "q", "answer": "notes"}})
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "q", "notes")
+
+
+def test_naming_only_the_question_takes_the_first_other_per_region_textarea_as_answer():
+    scheme = scheme_from_config(THREE_TEXTAREAS, {"controls": {"question": "caption"}})
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "caption", "notes")
+
+
+def test_other_extra_params_are_ignored():
+    scheme = scheme_from_config(
+        read_config("region_captioning.xml"), {"prompts": {"caption": "Name <region1>."}}
+    )
+    assert scheme.kind == "caption"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"controls": {"answer": "nope", "question": "notes"}}, "does not have: answer='nope'"),
+        ({"controls": {"answr": "caption"}}, "unknown roles ['answr']"),
+        ({"controls": {"answer": "label"}}, "answer 'label' is a <RectangleLabels>"),
+        ({"controls": {"question": "caption", "answer": "caption"}}, "other than the answer 'caption'"),
+        ({"controls": {"image": "label"}}, "image 'label' is a <RectangleLabels>, not an <Image>"),
+        ({"controls": "caption"}, "'controls' must be a JSON object"),
+    ],
+    ids=[
+        "unknown-name",
+        "unknown-role",
+        "answer-not-fillable",
+        "question-is-answer",
+        "image-not-image",
+        "not-object",
+    ],
+)
+def test_bad_overrides_are_rejected_by_name(overrides, message):
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(THREE_TEXTAREAS, overrides)
+    assert message in str(error.value)
+
+
+def test_overriding_the_rectangle_and_the_reasoning_question():
+    xml = view(
+        '<Text name="intro" value="$intro"/>',
+        '<Text name="ask" value="$ask"/>',
+        IMAGE,
+        RECTANGLE,
+        '<Rectangle name="plain" toName="image"/>',
+        '<TextArea name="reply" toName="image"/>',
+    )
+    auto = scheme_from_config(xml)
+    assert (auto.kind, auto.rectangle, auto.question, auto.question_key) == (
+        "reasoning",
+        "label",
+        "intro",
+        "intro",
+    )
+
+    named = scheme_from_config(xml, {"controls": {"rectangle": "plain", "question": "ask"}})
+    assert (named.rectangle, named.rectangle_type, named.question, named.question_key) == (
+        "plain",
+        "rectangle",
+        "ask",
+        "ask",
+    )
+
+
+def test_a_non_per_region_choices_cannot_be_the_answer():
+    xml = view(
+        IMAGE,
+        RECTANGLE,
+        '<TextArea name="caption" toName="image" perRegion="true"/>',
+        '<Choices name="quality" toName="image"><Choice value="good"/></Choices>',
+    )
+    with pytest.raises(UnsupportedConfig, match="answer 'quality' must be per-region"):
+        scheme_from_config(xml, {"controls": {"answer": "quality"}})
+
+
+def test_default_prompts_mention_region1():
+    prompts = Prompts()
+    assert prompts.caption == "Describe <region1> briefly."
+    assert prompts.classification_text(("Cat", "Dog")) == "What is <region1>? Answer with one of: Cat, Dog."
+
+
+def test_prompts_from_extra_params_override_only_what_is_given():
+    prompts = Prompts.from_extra_params({"prompts": {"caption": "In five words, what is <region1>?"}})
+    assert prompts == Prompts(caption="In five words, what is <region1>?")
+    assert Prompts.from_extra_params(None) == Prompts()
+    assert Prompts.from_extra_params({"controls": {}}) == Prompts()
+
+
+def test_classification_prompt_keeps_other_braces():
+    prompts = Prompts(classification="Label <region1> {strictly}: {choices}")
+    assert prompts.classification_text(("A",)) == "Label <region1> {strictly}: A"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"prompts": {"caption": "Describe the object."}},
+            "the caption prompt must be a string mentioning <region1>",
+        ),
+        ({"prompts": {"classification": "Pick one of {choices}"}}, "the classification prompt must"),
+        ({"prompts": {"summary": "<region1>"}}, "unknown keys ['summary']"),
+        ({"prompts": ["Describe <region1>."]}, "'prompts' must be a JSON object"),
+    ],
+)
+def test_bad_prompts_are_rejected(extra, message):
+    with pytest.raises(ValueError) as error:
+        Prompts.from_extra_params(extra)
+    assert message in str(error.value)

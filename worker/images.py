@@ -1,0 +1,361 @@
+"""Fetch and decode the image of a describe job, refusing anything unsafe or unreasonable.
+
+A task's image URL comes from Label Studio task data, which any annotator or import can set, so it is
+untrusted (reliability.md §2.4, §3). Where an image may come from:
+
+* Label Studio itself: relative URLs (`/data/upload/...`, `/data/local-files/?d=...`, other `/data/...`),
+  fetched from settings.label_studio_url with the API key. A legacy token is sent as `Token <key>`; a
+  personal access token (a JWT refresh token) is exchanged at /api/token/refresh/ for a short-lived access
+  token sent as `Bearer`, cached until shortly before it expires. The key goes to Label Studio's own origin
+  only, never to another host, and is never logged.
+* Cloud storage URIs (`s3://`, `gs://`, `azure-blob://`): through Label Studio's presign endpoint, which
+  redirects to a signed URL; that URL's host must be allowed like any other.
+* Absolute http(s) URLs: only when the host is in settings.image_allowed_hosts (ROI_IMAGE_ALLOWED_HOSTS,
+  entries "host" or "host:port"); Label Studio's own host and port are always allowed.
+* Local files (plain paths, relative ones taken from the root, or file:// URLs): only inside
+  settings.local_files_root (ROI_LOCAL_FILES_ROOT), after resolving symlinks and `..`.
+
+Limits: at most image_max_bytes, counted while streaming; image_timeout_s for connecting, for each read, and
+for the whole download; at most 3 redirects, each checked again; image_max_pixels checked from the header
+before decoding, and Pillow's decompression-bomb warning treated as an error; only formats a browser shows
+(Label Studio displays the image the boxes were drawn on). The result is the first frame, EXIF orientation
+applied (box coordinates refer to the displayed image, DESIGN.md), in RGB; transparency is composited onto
+white.
+
+Every refusal raises ImageRejected naming the URL and the problem. ImageUnavailable, a subclass, marks a
+failure that may pass (timeout, connection error, HTTP 429/5xx): worth a retry, unlike the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.request import url2pathname
+
+import jwt
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+LABEL_STUDIO_PREFIXES = ("/data/", "/storage-data/")
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
+BROWSER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "AVIF")
+# Refresh an access token this long before Label Studio would stop accepting it.
+TOKEN_EXPIRY_MARGIN_S = 30.0
+_CHUNK_BYTES = 64 * 1024
+
+
+class ImageRejected(ValueError):
+    """The image cannot be used; the message names the URL and the problem."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"image {url} refused: {problem}")
+        self.url = url
+        self.problem = problem
+
+
+class ImageUnavailable(ImageRejected):
+    """The image could not be fetched for a reason that may pass (timeout, connection error, HTTP 429/5xx)."""
+
+
+def load_image(
+    url: str, *, task_id: int | None, settings: Settings, session: requests.Session | None = None
+) -> Image.Image:
+    """The image at `url` (from the task with `task_id`) as RGB, EXIF orientation applied, first frame only."""
+    if not isinstance(url, str) or not url.strip():
+        raise ImageRejected(repr(url), "the image URL is empty")
+    url = url.strip()
+    data = _read_local(url, settings) if _is_local_path(url) else _download(url, task_id, settings, session)
+    return _decode(data, url, settings)
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of the size and the RGB pixels: the same picture gives the same key, whatever its file format."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+# --- where the bytes come from -------------------------------------------------------------------------
+
+
+def _is_local_path(url: str) -> bool:
+    if url.startswith(LABEL_STUDIO_PREFIXES):
+        return False
+    scheme = urlsplit(url).scheme.lower()
+    return scheme in ("", "file")
+
+
+def _read_local(url: str, settings: Settings) -> bytes:
+    if settings.local_files_root is None:
+        raise ImageRejected(url, "local files are disabled (set ROI_LOCAL_FILES_ROOT to allow a directory)")
+    if url.lower().startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageRejected(url, f"file URL names another machine ({parts.netloc!r})")
+        path = Path(url2pathname(parts.path))
+    else:
+        path = Path(url)
+    root = Path(settings.local_files_root).resolve()
+    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and `..` are resolved
+    if not resolved.is_relative_to(root):
+        raise ImageRejected(url, "the path leads outside ROI_LOCAL_FILES_ROOT")
+    try:
+        with open(resolved, "rb") as file:
+            data = file.read(settings.image_max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ImageRejected(url, "no such file") from None
+    except OSError as error:
+        raise ImageRejected(url, f"cannot read the file ({error.strerror})") from None
+    if len(data) > settings.image_max_bytes:
+        raise ImageRejected(url, f"the file is larger than ROI_IMAGE_MAX_BYTES={settings.image_max_bytes}")
+    return data
+
+
+def _download(url: str, task_id: int | None, settings: Settings, session: requests.Session | None) -> bytes:
+    target = _http_target(url, task_id, settings)
+    own_session = session is None
+    if own_session:
+        session = requests.Session()
+        session.trust_env = False  # no proxies or .netrc credentials from the environment
+    try:
+        return _follow(url, target, settings, session)
+    finally:
+        if own_session:
+            session.close()
+
+
+def _http_target(url: str, task_id: int | None, settings: Settings) -> str:
+    label_studio = settings.label_studio_url.rstrip("/")
+    if url.startswith(LABEL_STUDIO_PREFIXES):
+        return label_studio + url
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in CLOUD_SCHEMES:
+        if task_id is None:
+            raise ImageRejected(
+                url, "a cloud storage URI needs the task id (Label Studio presigns it per task)"
+            )
+        fileuri = base64.urlsafe_b64encode(url.encode()).decode()
+        return f"{label_studio}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
+    if scheme in ("http", "https"):
+        return url
+    raise ImageRejected(url, f"unsupported URL scheme {scheme!r}")
+
+
+def _follow(url: str, target: str, settings: Settings, session: requests.Session) -> bytes:
+    timeout = settings.image_timeout_s
+    deadline = time.monotonic() + timeout
+    for hop in range(MAX_REDIRECTS + 1):
+        parts = _check_allowed(url, target, settings, redirected=hop > 0)
+        headers = {"Accept-Encoding": "identity", **_auth_headers(parts, url, settings, session)}
+        log.debug("fetching image %s from %s", url, _without_query(parts))
+        try:
+            response = session.get(
+                target, headers=headers, stream=True, allow_redirects=False, timeout=(timeout, timeout)
+            )
+        except requests.Timeout:
+            raise ImageUnavailable(url, f"{parts.netloc} did not answer within {timeout:g} s") from None
+        except requests.RequestException as error:
+            raise ImageUnavailable(
+                url, f"cannot connect to {parts.netloc} ({type(error).__name__})"
+            ) from None
+        with response:
+            if response.is_redirect:
+                target = urljoin(target, response.headers["Location"])
+                continue
+            if response.status_code != 200:
+                failure = (
+                    ImageUnavailable
+                    if response.status_code == 429 or response.status_code >= 500
+                    else ImageRejected
+                )
+                raise failure(url, f"HTTP {response.status_code} from {_without_query(parts)}")
+            return _read_capped(response, url, settings, deadline)
+    raise ImageRejected(url, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _check_allowed(url: str, target: str, settings: Settings, *, redirected: bool) -> SplitResult:
+    parts = urlsplit(target)
+    where = f"redirect to {_without_query(parts)}: " if redirected else ""
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ImageRejected(url, f"{where}unsupported URL scheme {parts.scheme!r}")
+    try:
+        host, port = (parts.hostname or ""), parts.port
+    except ValueError:
+        raise ImageRejected(url, f"{where}invalid port in {parts.netloc!r}") from None
+    if not host:
+        raise ImageRejected(url, f"{where}the URL has no host")
+    if _same_origin(parts, urlsplit(settings.label_studio_url)):
+        return parts
+    allowed = {entry.lower() for entry in settings.image_allowed_hosts}
+    if host in allowed or (port is not None and f"{host}:{port}" in allowed):
+        return parts
+    raise ImageRejected(url, f"{where}host {host!r} is not in ROI_IMAGE_ALLOWED_HOSTS")
+
+
+def _read_capped(response: requests.Response, url: str, settings: Settings, deadline: float) -> bytes:
+    limit = settings.image_max_bytes
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ImageRejected(url, f"{declared} bytes is more than ROI_IMAGE_MAX_BYTES={limit}")
+    body = bytearray()
+    try:
+        for chunk in response.iter_content(_CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:
+                raise ImageRejected(url, f"the body is larger than ROI_IMAGE_MAX_BYTES={limit}")
+            if time.monotonic() > deadline:
+                raise ImageUnavailable(url, f"the download took longer than {settings.image_timeout_s:g} s")
+    except requests.RequestException as error:  # read timeouts surface here as ConnectionError
+        raise ImageUnavailable(url, f"the download broke off ({type(error).__name__})") from None
+    return bytes(body)
+
+
+def _same_origin(a: SplitResult, b: SplitResult) -> bool:
+    return (a.scheme.lower(), a.hostname, _port(a)) == (b.scheme.lower(), b.hostname, _port(b))
+
+
+def _port(parts: SplitResult) -> int | None:
+    return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+def _without_query(parts: SplitResult) -> str:
+    """A URL fit for messages and logs: signed URLs carry credentials in their query."""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+# --- Label Studio credentials --------------------------------------------------------------------------
+
+
+class _AccessTokens:
+    """Access tokens obtained for personal access tokens, cached per (Label Studio, key) until near expiry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def get(self, url: str, settings: Settings, session: requests.Session) -> str:
+        label_studio = settings.label_studio_url.rstrip("/")
+        cache_key = (label_studio, hashlib.sha256(settings.label_studio_api_key.encode()).hexdigest())
+        with self._lock:
+            cached = self._cache.get(cache_key)
+            if cached and time.monotonic() < cached[1]:
+                return cached[0]
+            access, lifetime_s = self._refresh(url, label_studio, settings, session)
+            self._cache[cache_key] = (access, time.monotonic() + lifetime_s - TOKEN_EXPIRY_MARGIN_S)
+            return access
+
+    @staticmethod
+    def _refresh(
+        url: str, label_studio: str, settings: Settings, session: requests.Session
+    ) -> tuple[str, float]:
+        endpoint = f"{label_studio}/api/token/refresh/"
+        timeout = settings.image_timeout_s
+        try:
+            response = session.post(
+                endpoint,
+                json={"refresh": settings.label_studio_api_key},
+                timeout=(timeout, timeout),
+                allow_redirects=False,
+            )
+        except requests.RequestException as error:
+            raise ImageUnavailable(url, f"cannot reach {endpoint} ({type(error).__name__})") from None
+        with response:
+            if response.status_code in (400, 401, 403):
+                raise ImageRejected(
+                    url,
+                    f"Label Studio refused LABEL_STUDIO_API_KEY at {endpoint} (HTTP {response.status_code})",
+                )
+            if response.status_code != 200:
+                raise ImageUnavailable(url, f"HTTP {response.status_code} from {endpoint}")
+            try:
+                access = response.json()["access"]
+                claims = jwt.decode(access, options={"verify_signature": False})
+            except (ValueError, KeyError, TypeError, jwt.PyJWTError):
+                raise ImageRejected(url, f"{endpoint} did not return an access token") from None
+        # Lifetime from the token's own claims, counted on our clock: robust to clock skew with Label Studio.
+        issued = claims.get("iat", time.time())
+        expires = claims.get("exp", issued + 2 * TOKEN_EXPIRY_MARGIN_S)
+        return access, float(expires - issued)
+
+
+_access_tokens = _AccessTokens()
+
+
+def _auth_headers(
+    parts: SplitResult, url: str, settings: Settings, session: requests.Session
+) -> dict[str, str]:
+    key = settings.label_studio_api_key
+    if not key or not _same_origin(parts, urlsplit(settings.label_studio_url)):
+        return {}
+    if _is_jwt(key):
+        return {"Authorization": f"Bearer {_access_tokens.get(url, settings, session)}"}
+    return {"Authorization": f"Token {key}"}
+
+
+def _is_jwt(key: str) -> bool:
+    try:
+        jwt.get_unverified_header(key)
+    except jwt.PyJWTError:
+        return False
+    return True
+
+
+# --- decoding ------------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, url: str, settings: Settings) -> Image.Image:
+    formats = tuple(name for name in BROWSER_FORMATS if name in Image.OPEN) or None
+    # The warning filter is process-wide while it is set; the worker decodes on one thread.
+    with warnings.catch_warnings(), _decoding(url):
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
+        width, height = image.size
+        if width * height > settings.image_max_pixels:
+            raise ImageRejected(
+                url,
+                f"{width}x{height} is {width * height} pixels, more than ROI_IMAGE_MAX_PIXELS={settings.image_max_pixels}",
+            )
+        image.load()  # the first frame; errors of the lazily opened image surface here
+        displayed = ImageOps.exif_transpose(image)
+    return _to_rgb(displayed)
+
+
+@contextmanager
+def _decoding(url: str) -> Iterator[None]:
+    """Turn whatever a decoder raises on untrusted bytes into ImageRejected."""
+    try:
+        yield
+    except (ImageRejected, MemoryError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected(url, f"decompression bomb ({error})") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            url, f"not an image in a supported format ({', '.join(BROWSER_FORMATS)})"
+        ) from None
+    except Exception as error:  # OSError "image file is truncated", SyntaxError, struct.error, ...
+        raise ImageRejected(url, f"broken image data ({type(error).__name__}: {error})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")

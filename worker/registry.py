@@ -1,0 +1,299 @@
+"""The model registry: immutable model versions on disk and one pointer to the version being served.
+
+Layout under the root ($MODEL_DIR, DESIGN.md):
+
+    versions/<version>/    a Hugging Face model directory plus card.json (version, parent, dataset digest,
+                           metrics, created_at, and whatever extra fields the publisher passed)
+    current                the served version's name; replaced atomically (os.replace), so a reader sees
+                           the old name or the new one, never a partial file
+    history.jsonl          one line per promotion or rollback, appended under the lock
+    .lock                  fcntl.flock lock for everything that changes the registry
+
+A version is copied into a hidden directory inside versions/ and renamed into place when complete, so a
+crash mid-copy never leaves a half-written version that looks real (the hidden leftover is ignored; delete
+it by hand). Rollback steps back through the promotions: promote v1, v2, v3 then rollback twice serves v1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "card.json"
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+AUTO_VERSION = re.compile(r"v(\d+)")
+CARD_KEYS = ("version", "parent", "dataset_digest", "metrics", "created_at")
+
+
+class RegistryError(Exception):
+    """A registry operation cannot be done; the message says why."""
+
+
+class UnknownVersion(RegistryError, LookupError):
+    """No such model version in the registry."""
+
+
+class ModelRegistry:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.current_file = self.root / "current"
+        self.history_file = self.root / "history.jsonl"
+        self.lock_file = self.root / ".lock"
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The cards of all published versions, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        cards = []
+        for entry in self.versions_dir.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # a copy in progress, or the leftover of a crashed one
+            try:
+                cards.append(self.card(entry.name))
+            except RegistryError as error:
+                log.warning("skipping %s: %s", entry, error)
+        return sorted(cards, key=lambda card: (card.get("created_at", ""), card["version"]))
+
+    def current(self) -> str | None:
+        """The served version's name, None when nothing was promoted yet."""
+        try:
+            return self.current_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def path(self, version: str) -> Path:
+        """The model directory of `version` (raises UnknownVersion when it does not exist)."""
+        directory = self.versions_dir / _checked_name(version)
+        if not (directory / CARD_FILE).is_file():
+            known = ", ".join(card["version"] for card in self.versions()) or "none"
+            raise UnknownVersion(
+                f"model version {version!r} not found in {self.versions_dir} (known: {known})"
+            )
+        return directory
+
+    def card(self, version: str) -> dict[str, Any]:
+        card_path = self.versions_dir / _checked_name(version) / CARD_FILE
+        try:
+            card = json.loads(card_path.read_text())
+        except FileNotFoundError:
+            raise UnknownVersion(f"model version {version!r} not found in {self.versions_dir}") from None
+        except (OSError, ValueError) as error:
+            raise RegistryError(f"cannot read {card_path}: {error}") from None
+        if not isinstance(card, dict) or card.get("version") != version:
+            raise RegistryError(f"{card_path} is not the card of version {version!r}")
+        return card
+
+    def history(self) -> list[dict[str, Any]]:
+        """Promotions and rollbacks, oldest first: {"action", "version", "previous", "at"}."""
+        try:
+            lines = self.history_file.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                log.warning(
+                    "%s line %d is not JSON (an interrupted write?); ignored", self.history_file, number
+                )
+        return entries
+
+    # --- changing ------------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        src_dir: Path | str,
+        version: str | None = None,
+        parent: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        dataset_digest: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Copy the model directory `src_dir` into the registry as a new version; returns its name.
+
+        Without `version` the next free "v<N>" is used. A card.json in `src_dir` is kept, with the
+        registry's fields (version, parent, dataset_digest, metrics, created_at) set over it.
+        """
+        source = Path(src_dir)
+        if not source.is_dir():
+            raise RegistryError(f"cannot publish {source}: not a directory")
+        if version is not None:
+            _checked_name(version)
+        clashes = sorted(set(extra or {}) & set(CARD_KEYS))
+        if clashes:
+            raise RegistryError(
+                f"extra card fields {clashes} would overwrite the registry's own; pass them as arguments"
+            )
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.versions_dir))
+        try:
+            copy = staging / "model"
+            shutil.copytree(source, copy, symlinks=False)
+            card = {**_read_card(copy), **(extra or {})}
+            card.update(parent=parent, dataset_digest=dataset_digest, metrics=metrics or {})
+            with self._locked():
+                name = version or self._next_version_name()
+                target = self.versions_dir / name
+                if target.exists():
+                    raise RegistryError(f"model version {name!r} already exists in {self.versions_dir}")
+                card.update(version=name, created_at=_now())
+                _write_json_atomically(copy / CARD_FILE, card)
+                _fsync_tree(copy)
+                os.rename(copy, target)
+                _fsync_dir(self.versions_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("published model version %s from %s", name, source)
+        return name
+
+    def import_model(self, src_dir: Path | str, **publish_args: Any) -> str:
+        """Publish `src_dir`, and promote it when nothing is served yet; returns the version."""
+        version = self.publish(src_dir, **publish_args)
+        with self._locked():
+            if self.current() is None:
+                self._set_current(version, action="promote")
+        return version
+
+    def promote(self, version: str) -> None:
+        """Serve `version` from now on (workers pick it up at their next job); a no-op when it is served."""
+        with self._locked():
+            self.path(version)
+            if self.current() == version:
+                return
+            self._set_current(version, action="promote")
+
+    def rollback(self) -> str:
+        """Serve the version that was promoted before the current one; returns it."""
+        with self._locked():
+            stack = self._promotion_stack()
+            if len(stack) < 2:
+                raise RegistryError(
+                    f"nothing to roll back to: the promotion history of {self.root} holds "
+                    f"{'only ' + repr(stack[0]) if stack else 'no promotion'}"
+                )
+            previous = stack[-2]
+            self.path(previous)
+            self._set_current(previous, action="rollback")
+            return previous
+
+    def update_card(self, version: str, /, **fields: Any) -> dict[str, Any]:
+        """Set fields of a version's card (e.g. metrics after an evaluation); returns the new card."""
+        if "version" in fields and fields["version"] != version:
+            raise RegistryError("a card's version field names its directory and cannot change")
+        with self._locked():
+            card = {**self.card(version), **fields}
+            _write_json_atomically(self.path(version) / CARD_FILE, card)
+        return card
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _next_version_name(self) -> str:
+        numbers = [
+            int(m.group(1)) for e in self.versions_dir.iterdir() if (m := AUTO_VERSION.fullmatch(e.name))
+        ]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def _set_current(self, version: str, *, action: str) -> None:
+        previous = self.current()
+        _write_atomically(self.current_file, version + "\n")
+        entry = {"action": action, "version": version, "previous": previous, "at": _now()}
+        with open(self.history_file, "a") as history:
+            history.write(json.dumps(entry) + "\n")
+            history.flush()
+            os.fsync(history.fileno())
+        log.info("%s: now serving model version %s (was %s)", action, version, previous)
+
+    def _promotion_stack(self) -> list[str]:
+        """Promotions push, rollbacks pop: the top is what is served, the one below is the rollback target."""
+        stack: list[str] = []
+        for entry in self.history():
+            if entry.get("action") == "promote":
+                stack.append(entry["version"])
+            elif entry.get("action") == "rollback" and stack:
+                stack.pop()
+        return stack
+
+
+def _checked_name(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
+        raise RegistryError(
+            f"invalid model version name {version!r}: use letters, digits, '.', '_' and '-' "
+            "(not starting with '.' or '-', at most 100 characters)"
+        )
+    return version
+
+
+def _read_card(model_dir: Path) -> dict[str, Any]:
+    try:
+        card = json.loads((model_dir / CARD_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as error:
+        raise RegistryError(f"{model_dir / CARD_FILE} is not valid JSON: {error}") from None
+    return card if isinstance(card, dict) else {}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    _write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a sibling temporary file, fsync it, and rename it over `path`."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Make a copied model durable before it becomes visible under its final name."""
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as file:
+                os.fsync(file.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
