@@ -1,15 +1,14 @@
-"""Putting a region-LLM together: from a config and a tokenizer, and to and from a directory.
+"""Putting a region-LLM together from a config and a tokenizer, and saving it.
 
-A model directory is a Hugging Face layout that loads offline: config.json, model.safetensors,
-the tokenizer files and generation_config.json.
+A model directory is a Hugging Face layout that loads offline (roi_model.loading): config.json,
+model.safetensors, the tokenizer files and generation_config.json.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .configuration import SPECIAL_TOKENS, RegionLLMConfig
 from .modeling import RegionLLMForCausalLM
@@ -68,32 +67,3 @@ def save_pretrained(model: RegionLLMForCausalLM, processor: RegionProcessor, dir
     # not a GenerationMixin (generation goes through the language model), so save it ourselves
     model.generation_config.save_pretrained(directory)
     processor.save_pretrained(directory)
-
-
-def load_pretrained(
-    directory: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> tuple[RegionLLMForCausalLM, RegionProcessor]:
-    """Load a model directory with no network access."""
-    model = RegionLLMForCausalLM.from_pretrained(
-        directory, dtype=dtype or torch.float32, local_files_only=True
-    )
-    if (Path(directory) / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
-    if device is not None and torch.device(device).type != "cpu":
-        model.to(device)
-    else:
-        _own_memory(model)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return model, RegionProcessor(tokenizer, model.config, model.num_image_tokens)
-
-
-@torch.no_grad()
-def _own_memory(model: torch.nn.Module) -> None:
-    """Copy weights out of the memory-mapped checkpoint into ordinary (aligned) tensors.
-
-    Tensors mapped at unaligned file offsets take other BLAS code paths, and the logits would
-    differ in their last bits from those of the model that was saved.
-    """
-    for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = tensor.data.clone()

@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from .assembly import load_pretrained
 from .generation import (
     Answer,
     GenerationOptions,
@@ -38,6 +37,7 @@ from .generation import (
     finished_length,
     stop_strings_for,
 )
+from .loading import load_pretrained
 from .modeling import ImageFeatures, RegionLLMForCausalLM
 from .processing import Box, RegionProcessor, check_boxes
 

@@ -47,6 +47,18 @@ class RegionLLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """Our own modules (projector, region encoder) start from PyTorch's default initialisation, as in
+        GPT4RoI; the vision tower and the LM keep their own (transformers dispatches to sub-models).
+
+        Zero biases would be harmful here: LayerNorm(ReLU(W @ box)) does not change when a box is scaled,
+        so the box position embedding could not tell a small box from a large one.
+        """
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
 
 class RegionLLMForCausalLM(RegionLLMPreTrainedModel):
     def __init__(self, config: RegionLLMConfig):
@@ -85,10 +97,13 @@ class RegionLLMForCausalLM(RegionLLMPreTrainedModel):
         tokens = self.mm_projector(vision.image_tokens)
         return ImageFeatures(tokens=tokens, pyramid=self.region_encoder.fuse(vision.level_maps))
 
-    def get_region_features(self, pyramid: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """One token per box: `boxes[i]` holds image i's normalized boxes in `<bbox>` order."""
+    def get_region_features(
+        self, pyramid: list[torch.Tensor], boxes: list[torch.Tensor], image_index: list[int] | None = None
+    ) -> torch.Tensor:
+        """One token per box: `boxes[i]` holds normalized boxes, in `<bbox>` order, on image `image_index[i]`
+        of the pyramid batch (default: image i)."""
         boxes = [image_boxes.to(device=pyramid[0].device, dtype=pyramid[0].dtype) for image_boxes in boxes]
-        return self.region_encoder.pool(pyramid, boxes)
+        return self.region_encoder.pool(pyramid, boxes, image_index)
 
     def get_placeholder_mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return input_ids == self.config.image_patch_token_id, input_ids == self.config.bbox_token_id
@@ -125,20 +140,23 @@ class RegionLLMForCausalLM(RegionLLMPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_features: ImageFeatures | None = None,
+        image_index: torch.Tensor | None = None,
         cache=None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """One image per row: `pixel_values[i]` (or `image_features` row i) and `boxes[i]` belong to row i."""
+        """One image per row: row i shows image `image_index[i]` of `pixel_values` (or of `image_features`;
+        default: image i), and `boxes[i]` are row i's boxes. Rows may share an image, which then runs through
+        the vision tower once."""
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
+        rows_image = list(range(len(input_ids))) if image_index is None else image_index.tolist()
         region_tokens = None
-        if boxes is not None and any(len(image_boxes) for image_boxes in boxes):
-            region_tokens = self.get_region_features(image_features.pyramid, boxes)
-        inputs_embeds = self.embed_inputs(
-            input_ids, image_features.tokens if image_features is not None else None, region_tokens
-        )
+        if boxes is not None and any(len(row_boxes) for row_boxes in boxes):
+            region_tokens = self.get_region_features(image_features.pyramid, boxes, rows_image)
+        image_tokens = image_features.tokens[rows_image] if image_features is not None else None
+        inputs_embeds = self.embed_inputs(input_ids, image_tokens, region_tokens)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -64,11 +64,17 @@ def scale_shuffle(levels: list[torch.Tensor]) -> list[torch.Tensor]:
     return exchanged
 
 
-def boxes_to_rois(boxes: list[torch.Tensor], image_size: int) -> torch.Tensor:
-    """Per-image normalized xyxy boxes -> one (K, 5) tensor of [image index, x1, y1, x2, y2] in input pixels."""
+def boxes_to_rois(
+    boxes: list[torch.Tensor], image_size: int, image_index: list[int] | None = None
+) -> torch.Tensor:
+    """Normalized xyxy boxes -> one (K, 5) tensor of [image index, x1, y1, x2, y2] in input pixels.
+
+    `boxes[i]` lies on image `image_index[i]` of the feature batch (default: image i).
+    """
+    image_index = range(len(boxes)) if image_index is None else image_index
     rois = [
         torch.cat([torch.full_like(image_boxes[:, :1], index), image_boxes * image_size], dim=1)
-        for index, image_boxes in enumerate(boxes)
+        for index, image_boxes in zip(image_index, boxes, strict=True)
     ]
     return torch.cat(rois).float()
 
@@ -155,9 +161,11 @@ class RegionEncoder(nn.Module):
             pyramid.append(level)
         return self.fusion(pyramid)
 
-    def pool(self, pyramid: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """One token per box, for the boxes of every image in order: (total boxes, output_dim)."""
-        rois = boxes_to_rois(boxes, self.image_size)
+    def pool(
+        self, pyramid: list[torch.Tensor], boxes: list[torch.Tensor], image_index: list[int] | None = None
+    ) -> torch.Tensor:
+        """One token per box, for every entry of `boxes` in order: (total boxes, output_dim)."""
+        rois = boxes_to_rois(boxes, self.image_size, image_index)
         pooled = multi_level_roi_align(pyramid, rois, self.image_size, self.output_size, self.sampling_ratio)
         features = F.relu(sum(conv(level) for conv, level in zip(self.level_convs, pooled, strict=True)))
         tokens = self.flatten_linear(features.flatten(1))

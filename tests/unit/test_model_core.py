@@ -10,10 +10,11 @@ import torch
 from PIL import Image, ImageDraw
 from tiny_models import TEXTS, make_tiny, noise_image
 
-from roi_model.assembly import build_model, load_pretrained, save_pretrained
+from roi_model.assembly import build_model, save_pretrained
 from roi_model.cli import main as cli_main
 from roi_model.configuration import RegionLLMConfig
 from roi_model.generation import GenerationOptions, generate_answer
+from roi_model.loading import load_pretrained
 from roi_model.modeling import RegionLLMForCausalLM
 from roi_model.presets import gpt4roi_7b_config
 from roi_model.processing import IGNORE_INDEX, check_boxes, load_image

@@ -1,0 +1,231 @@
+"""The ML-backend HTTP service Label Studio talks to (protocol: reference/label-studio.md §2).
+
+`create_app()` is the Flask application factory; production runs it under gunicorn
+(``gunicorn 'backend.app:create_app()'``), development through `main()` (the ``roi-backend`` script).
+
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions. Every reply is JSON, errors
+included: 400 names the problem with the request, 401 asks for basic auth, 503 says what is unreachable,
+and anything unexpected is logged and answered with a 500 that carries no traceback.
+
+Two Redis clients: `fast` (short socket timeouts, no retries) for the calls Label Studio gives 1-3 s (health,
+setup, versions, webhook) and for reading project state, so a Redis outage is reported at once; and the
+queue client of backend.queues for enqueueing describe jobs and waiting on them, which rides out a short
+Redis restart. The process never imports torch, roi_model or worker: jobs are enqueued by dotted name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import BadRequest, HTTPException
+
+from backend import heartbeats, project_state, webhooks
+from backend.labeling import UnsupportedConfig, scheme_from_config
+from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
+from backend.queues import connect
+from backend.redis_server import ensure_redis_url
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Label Studio calls /health with a 1 s timeout and /webhook with 1 s: Redis gets a fraction of that.
+FAST_CONNECT_TIMEOUT_S = 0.25
+FAST_SOCKET_TIMEOUT_S = 0.5
+
+DEFAULT_PORT = 9090  # the port Label Studio's ML backends use by convention
+
+
+@dataclass(frozen=True)
+class JobNames:
+    """The worker's job functions, by dotted name (tests point them at their own job module)."""
+
+    describe: str = DESCRIBE_JOB
+    prelabel: str = PRELABEL_JOB
+    finetune: str = webhooks.FINETUNE_JOB
+
+
+def create_app(settings: Settings | None = None, *, job_names: JobNames | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    job_names = job_names or JobNames()
+    _configure_logging(settings.log_level)
+
+    redis_url = ensure_redis_url(settings)
+    fast = redis.Redis.from_url(
+        redis_url,
+        socket_connect_timeout=FAST_CONNECT_TIMEOUT_S,
+        socket_timeout=FAST_SOCKET_TIMEOUT_S,
+        retry=None,
+    )
+    predictor = Predictor(
+        connect(settings),
+        timeout_s=settings.predict_timeout_s,
+        inline_tasks=settings.inline_predict_tasks,
+        max_new_tokens=settings.max_new_tokens,
+        describe_job=job_names.describe,
+        prelabel_job=job_names.prelabel,
+    )
+
+    app = Flask("backend")
+    _register_auth(app, settings)
+    _register_error_handlers(app)
+
+    @app.get("/health")
+    def health() -> tuple[Response, int]:
+        try:
+            workers = heartbeats.live_workers(fast)
+            version = served_version(fast, workers)
+        except redis.RedisError as exc:
+            return jsonify(status="DOWN", reason=f"Redis is unreachable: {exc}"), 503
+        if not workers:
+            return jsonify(status="DOWN", reason="no live worker: start a worker (roi-worker)"), 503
+        return jsonify(status="UP", model_version=version, workers=workers), 200
+
+    @app.post("/setup")
+    def setup() -> tuple[Response, int]:
+        body = _json_object()
+        try:
+            project_id = project_state.parse_project_id(body.get("project"))
+            params = project_state.ProjectParams.from_extra_params(body.get("extra_params"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        scheme_from_config(body.get("schema"), params.extra)  # UnsupportedConfig -> 400
+        project_state.save_setup(fast, project_id, params, body.get("hostname"))
+        version = served_version(fast, heartbeats.live_workers(fast))
+        if version is None:
+            # Label Studio marks a backend Connected on any 2xx; without a model there is nothing to serve.
+            return jsonify(
+                error="no model version is served yet: no worker has published its registry or a heartbeat",
+                model_version=None,
+            ), 503
+        return jsonify(model_version=version), 200
+
+    @app.post("/predict")
+    def predict() -> dict[str, Any]:
+        call = parse_predict_request(_json_object())
+        params = project_state.load_params(fast, call.project_id)
+        scheme = scheme_from_config(call.label_config, params.extra)
+        return predictor.predict(call, scheme, params)
+
+    @app.post("/webhook")
+    def webhook() -> dict[str, Any]:
+        body = _json_object()
+        try:
+            event = webhooks.parse_event(body)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        if event is None:
+            return {"status": "ignored", "action": body["action"]}
+        return webhooks.handle_event(
+            fast,
+            event,
+            default_train_every=settings.train_every_annotations,
+            finetune_job=job_names.finetune,
+        )
+
+    @app.get("/versions")
+    def versions() -> dict[str, Any]:
+        snapshot = heartbeats.registry_snapshot(fast)
+        cards = snapshot.get("versions") or []
+        return {
+            "versions": [card.get("version") for card in cards if isinstance(card, dict)],
+            "current": snapshot.get("current"),
+            "cards": cards,
+        }
+
+    return app
+
+
+def served_version(connection: redis.Redis, workers: list[dict]) -> str | None:
+    """The registry's current version, else the version a live worker reports, else None."""
+    current = heartbeats.registry_snapshot(connection).get("current")
+    if current:
+        return current
+    return next((w["model_version"] for w in workers if w.get("model_version")), None)
+
+
+def _json_object() -> dict[str, Any]:
+    raw = request.get_data()
+    if not raw.strip():
+        raise BadRequest("the request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _register_auth(app: Flask, settings: Settings) -> None:
+    """Basic auth on every route, only when both BASIC_AUTH_USER and BASIC_AUTH_PASS are set."""
+    if not (settings.basic_auth_user and settings.basic_auth_pass):
+        return
+    expected_user = settings.basic_auth_user.encode()
+    expected_pass = settings.basic_auth_pass.encode()
+
+    @app.before_request
+    def require_basic_auth() -> tuple[Response, int, dict[str, str]] | None:
+        given = request.authorization
+        if given is not None and given.type == "basic":
+            user_ok = hmac.compare_digest((given.username or "").encode(), expected_user)
+            pass_ok = hmac.compare_digest((given.password or "").encode(), expected_pass)
+            if user_ok and pass_ok:
+                return None
+        return (
+            jsonify(
+                error="basic auth required: register the backend in Label Studio with its user and password"
+            ),
+            401,
+            {"WWW-Authenticate": 'Basic realm="roi-backend"'},
+        )
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        if exc.code == 400:
+            log.warning("%s %s: 400: %s", request.method, request.path, exc.description)
+        return jsonify(error=exc.description), exc.code or 500
+
+    @app.errorhandler(UnsupportedConfig)
+    def unsupported_config(exc: UnsupportedConfig) -> tuple[Response, int]:
+        log.warning("%s %s: unsupported label config: %s", request.method, request.path, exc)
+        return jsonify(error=f"unsupported label config: {exc}"), 400
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def redis_unreachable(exc: redis.RedisError) -> tuple[Response, int]:
+        log.error("%s %s: Redis is unreachable: %s", request.method, request.path, exc)
+        return jsonify(error=f"Redis is unreachable: {exc}"), 503
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("%s %s failed", request.method, request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__}); the backend log has the details"), 500
+
+
+def _configure_logging(level: str) -> None:
+    # Under gunicorn nobody else configures logging; basicConfig does nothing when handlers exist.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("backend").setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """roi-backend: the development server (production: gunicorn 'backend.app:create_app()')."""
+    parser = argparse.ArgumentParser(prog="roi-backend", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    args = parser.parse_args(argv)
+    app = create_app()
+    app.run(host=args.host, port=args.port, threaded=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,696 @@
+"""Curated Label Studio annotations to spatial-instruction training records (DESIGN.md, "Training records").
+
+`convert_tasks` is the pure part: Label Studio's full JSON export of a project (a list of task dicts; not
+JSON_MIN, which loses the box-text link) plus the already fetched images become records and a report.
+`export_project` is the I/O around it: the export and the label config through the API client, the images
+through backend.export_images, and the dataset folder written atomically. `register_cli` adds
+``roi-model export --project N --out DIR``.
+
+The rules:
+
+* Cancelled (skipped) annotations, empty ones and ones without a rectangle are left out; drafts are not
+  annotations and are never read. When a task has a ground-truth annotation, the newest one wins and the
+  others are left out; otherwise every annotation is its own record.
+* A rectangle joins its per-region TextArea or Choices items on the region id. caption and classification
+  ask the project's prompt (backend.labeling.Prompts), region_qa the question the annotator typed, reasoning
+  the task's question from its data, where ``<regionK>`` is the K-th rectangle in result order. Regions
+  without an answer are left out; the others are numbered in result order: ``<regionK>`` is
+  ``regions[K-1]``.
+* Boxes are LS percentages of the displayed image, so they become pixels with the size of the image as
+  fetched (after EXIF orientation); LS's original_width/height may be stale. Rotated rectangles become their
+  axis-aligned bounding box.
+* Provenance: every answer turn's "source" holds its region's: the region id, the origin LS keeps on the
+  answer item (else on the rectangle; "unknown" without either) and, for "prediction-changed", the
+  suggestion the annotator changed. The record's "source" holds the annotation's: project, task,
+  annotation, updated_at, annotator, ground_truth, region_ids (LS ids of `regions`), model_version of the
+  prediction it came from, and origin and suggestion: the answers' common origin (else "mixed") and, for a
+  one-answer record, its suggestion. The prediction an annotation came from is its parent_prediction (in
+  the task's predictions, or as the prediction LS records on each annotation; LS 1.23 exports a task's
+  predictions as ids, so export_project fetches a missing one), else, when some item came from a
+  prediction, the prediction LS recorded as viewed. Interactive suggestions are never stored as
+  predictions, so theirs is null.
+
+The report accounts for every annotation and every rectangle: exported, or listed under the reason it was
+not (a rectangle of a skipped annotation is listed under "annotation_<reason>"). Its by_origin counts the
+exported answers by origin: accepted unchanged ("prediction"), edited ("prediction-changed"), "manual".
+Records are ordered by task id and annotation id and written with sorted keys, and images are named by
+content hash, so the same export gives byte-identical files; only manifest.json's time differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from backend.atomic_files import write_bytes_atomically
+from backend.export_images import IMAGES_DIR, ImageError, StoredImage, export_image
+from backend.labeling import LabelingScheme, Prompts, scheme_from_config
+from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.project_state import ProjectParams
+from backend.results import region_from_item
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = "data.jsonl"
+REPORT_FILE = "report.json"
+MANIFEST_FILE = "manifest.json"
+ORIGINS = ("prediction", "prediction-changed", "manual")
+UNKNOWN_ORIGIN = "unknown"
+MIXED_ORIGIN = "mixed"
+
+_REGION_TAG = re.compile(r"<region(\d+)>")
+_STORED_IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.[a-z]+")
+
+
+@dataclass
+class Conversion:
+    records: list[dict]
+    report: dict[str, Any]
+
+
+# --- which annotations ---------------------------------------------------------------------------------
+
+
+def select_annotations(
+    task: Mapping[str, Any], scheme: LabelingScheme
+) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """The annotations of `task` to export (by id), and the others with the reason they are left out."""
+    kept, skipped = [], []
+    for annotation in _annotations(task):
+        if annotation.get("was_cancelled"):
+            skipped.append((annotation, "cancelled"))
+        elif not annotation["result"]:
+            skipped.append((annotation, "empty"))
+        elif not _rectangles(annotation, scheme):
+            skipped.append((annotation, "no_rectangles"))
+        else:
+            kept.append(annotation)
+    ground_truth = [annotation for annotation in kept if annotation.get("ground_truth")]
+    if ground_truth:
+        winner = max(ground_truth, key=lambda a: (a.get("updated_at") or "", a["id"]))
+        skipped += [
+            (annotation, "superseded_by_ground_truth") for annotation in kept if annotation is not winner
+        ]
+        kept = [winner]
+    return kept, sorted(skipped, key=lambda pair: pair[0]["id"])
+
+
+def images_needed(tasks: Iterable[Mapping[str, Any]], scheme: LabelingScheme) -> dict[str, int]:
+    """{image URL: id of the first task using it} over the tasks with an annotation to export."""
+    needed: dict[str, int] = {}
+    for task in _sorted_tasks(tasks):
+        url = _image_url(task, scheme)
+        if url is not None and select_annotations(task, scheme)[0]:
+            needed.setdefault(url, task["id"])
+    return needed
+
+
+# --- the pure conversion -------------------------------------------------------------------------------
+
+
+def convert_tasks(
+    tasks: Iterable[Mapping[str, Any]],
+    scheme: LabelingScheme,
+    prompts: Prompts,
+    project: int,
+    images: Mapping[str, StoredImage | str],
+) -> Conversion:
+    """Records and the report for an exported task list.
+
+    `images` maps every URL of `images_needed` to its StoredImage, or to the reason it could not be had.
+    Raises ValueError for a task list that is not Label Studio's JSON export.
+    """
+    tally = _Tally()
+    records = []
+    for task in _sorted_tasks(tasks):
+        kept, skipped = select_annotations(task, scheme)
+        for annotation in _annotations(task):
+            tally.annotations_total += 1
+            tally.regions_total += len(_rectangles(annotation, scheme))
+        for annotation, reason in skipped:
+            tally.skip_annotation(annotation, scheme, reason)
+        for annotation in kept:
+            record = _record(task, annotation, scheme, prompts, project, images, tally)
+            if record is not None:
+                records.append(record)
+    image_errors = {url: reason for url, reason in images.items() if isinstance(reason, str)}
+    return Conversion(records, tally.report(project, scheme, records, image_errors))
+
+
+@dataclass
+class _Tally:
+    """Where every annotation and every rectangle went: into a record, or left out for a reason."""
+
+    annotations_total: int = 0
+    annotations_skipped: dict[str, list[int]] = field(default_factory=dict)
+    regions_total: int = 0
+    regions_skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip_annotation(
+        self, annotation: Mapping[str, Any], scheme: LabelingScheme, reason: str, *, with_regions: bool = True
+    ) -> None:
+        """Leave out an annotation; `with_regions`: its rectangles too, as "annotation_<reason>"."""
+        self.annotations_skipped.setdefault(reason, []).append(annotation["id"])
+        if with_regions:
+            for rectangle in _rectangles(annotation, scheme):
+                self.skip_region(annotation, rectangle, f"annotation_{reason}")
+
+    def skip_region(self, annotation: Mapping[str, Any], rectangle: Mapping[str, Any], reason: str) -> None:
+        self.regions_skipped.setdefault(reason, []).append(_region_ref(annotation, rectangle))
+
+    def report(
+        self, project: int, scheme: LabelingScheme, records: Sequence[dict], image_errors: Mapping[str, str]
+    ) -> dict[str, Any]:
+        answers = [turn for record in records for turn in record["conversations"] if turn["from"] == "gpt"]
+        by_origin = dict.fromkeys(ORIGINS, 0)
+        for turn in answers:
+            by_origin[turn["source"]["origin"]] = by_origin.get(turn["source"]["origin"], 0) + 1
+        report = {
+            "project": project,
+            "kind": scheme.kind,
+            "annotations_total": self.annotations_total,
+            "annotations_exported": len(records),
+            "annotations_skipped": {reason: sorted(ids) for reason, ids in self.annotations_skipped.items()},
+            "regions_total": self.regions_total,
+            "regions_exported": sum(len(record["regions"]) for record in records),
+            "regions_skipped": self.regions_skipped,
+            "answers": len(answers),
+            "by_origin": by_origin,
+            "records": len(records),
+            "images": len({record["image"] for record in records}),
+            "image_errors": dict(image_errors),
+        }
+        check_report(report)
+        return report
+
+
+def check_report(report: Mapping[str, Any]) -> None:
+    """Raise AssertionError unless every annotation, region and answer of `report` is accounted for once."""
+    for unit, listed in (("annotations", "annotations_skipped"), ("regions", "regions_skipped")):
+        skipped = [ref for refs in report[listed].values() for ref in refs]
+        if len(skipped) != len(set(skipped)):
+            raise AssertionError(f"export report lists some {unit} under two reasons: {report[listed]}")
+        if report[f"{unit}_exported"] + len(skipped) != report[f"{unit}_total"]:
+            raise AssertionError(
+                f"export report: {report[f'{unit}_exported']} {unit} exported + {len(skipped)} skipped "
+                f"!= {report[f'{unit}_total']} in total"
+            )
+    if sum(report["by_origin"].values()) != report["answers"]:
+        raise AssertionError(
+            f"export report: by_origin {report['by_origin']} does not add up to {report['answers']}"
+        )
+    if report["records"] != report["annotations_exported"]:
+        raise AssertionError("export report: records and exported annotations differ")
+
+
+def _record(
+    task: Mapping[str, Any],
+    annotation: Mapping[str, Any],
+    scheme: LabelingScheme,
+    prompts: Prompts,
+    project: int,
+    images: Mapping[str, StoredImage | str],
+    tally: _Tally,
+) -> dict | None:
+    """The record of one annotation, or None (the tally says why)."""
+    url = _image_url(task, scheme)
+    if url is None:
+        tally.skip_annotation(annotation, scheme, "no_image")
+        return None
+    if url not in images:
+        raise ValueError(f"no image and no failure given for {url!r} (task {task['id']}): see images_needed")
+    image = images[url]
+    if not isinstance(image, StoredImage):
+        tally.skip_annotation(annotation, scheme, "image_unavailable")
+        return None
+
+    prediction = _source_prediction(task, annotation)
+    if scheme.kind == "reasoning":
+        turns = _reasoning_turns(task, annotation, scheme, image, prediction, tally)
+    else:
+        turns = _region_turns(annotation, scheme, prompts, image, prediction, tally)
+    if turns is None:
+        return None
+    region_ids, boxes, conversation = turns
+    if not conversation:
+        # Each rectangle is already listed with its own reason.
+        tally.skip_annotation(annotation, scheme, "no_answered_regions", with_regions=False)
+        return None
+
+    answers = [turn["source"] for turn in conversation if turn["from"] == "gpt"]
+    origins = {answer["origin"] for answer in answers}
+    return {
+        "id": f"ls:{project}:{task['id']}:{annotation['id']}",
+        "image": image.path,
+        "width": image.width,
+        "height": image.height,
+        "regions": boxes,
+        "conversations": conversation,
+        "source": {
+            "project": project,
+            "task": task["id"],
+            "annotation": annotation["id"],
+            "updated_at": annotation.get("updated_at"),
+            "annotator": _annotator(annotation),
+            "ground_truth": bool(annotation.get("ground_truth")),
+            "origin": origins.pop() if len(origins) == 1 else MIXED_ORIGIN,
+            "model_version": (prediction or {}).get("model_version"),
+            # One answer: its suggestion; several: see each answer turn's source.
+            "suggestion": answers[0]["suggestion"] if len(answers) == 1 else None,
+            "region_ids": region_ids,
+        },
+    }
+
+
+def _region_turns(
+    annotation: Mapping[str, Any],
+    scheme: LabelingScheme,
+    prompts: Prompts,
+    image: StoredImage,
+    prediction: Mapping[str, Any] | None,
+    tally: _Tally,
+) -> tuple[list[str], list[list[int]], list[dict]]:
+    """caption, region_qa, classification: a question and an answer per answered region."""
+    answers = _items_by_region(annotation["result"], scheme.answer)
+    typed = _items_by_region(annotation["result"], scheme.question) if scheme.kind == "region_qa" else {}
+    suggested = _items_by_region((prediction or {}).get("result") or [], scheme.answer)
+    region_ids: list[str] = []
+    boxes: list[list[int]] = []
+    conversation: list[dict] = []
+    for rectangle, box in _pixel_boxes(annotation, scheme, image):
+        region_id = str(rectangle.get("id"))
+        if isinstance(box, str):
+            tally.skip_region(annotation, rectangle, box)
+            continue
+        answer_item = answers.get(region_id)
+        answer, reason = _answer(answer_item, scheme)
+        question = None
+        if reason is None:
+            question, reason = _question(scheme, prompts, typed.get(region_id))
+        if reason is not None:
+            tally.skip_region(annotation, rectangle, reason)
+            continue
+        number = len(boxes) + 1
+        origin = _origin(answer_item, rectangle)
+        conversation += _turn_pair(
+            _renumbered(question, number),
+            answer,
+            scheme,
+            region_id,
+            origin,
+            _suggestion(origin, suggested.get(region_id), scheme),
+        )
+        region_ids.append(region_id)
+        boxes.append(box)
+    return region_ids, boxes, conversation
+
+
+def _reasoning_turns(
+    task: Mapping[str, Any],
+    annotation: Mapping[str, Any],
+    scheme: LabelingScheme,
+    image: StoredImage,
+    prediction: Mapping[str, Any] | None,
+    tally: _Tally,
+) -> tuple[list[str], list[list[int]], list[dict]] | None:
+    """reasoning: the task's question over all rectangles (in result order) and the annotation's answer."""
+    pixel_boxes = _pixel_boxes(annotation, scheme, image)
+    question = (task.get("data") or {}).get(scheme.question_key)
+    answer_item = next((i for i in annotation["result"] if i.get("from_name") == scheme.answer), None)
+    answer = _text(answer_item)
+    tags = [int(k) for k in _REGION_TAG.findall(question)] if isinstance(question, str) else []
+    if any(not isinstance(box, list) for _, box in pixel_boxes):
+        reason = "unusable_box"  # the question numbers the rectangles: one bad box breaks the numbering
+    elif not isinstance(question, str) or not question.strip():
+        reason = "no_question"
+    elif not answer:
+        reason = "no_answer"
+    elif any(not 1 <= k <= len(pixel_boxes) for k in tags):
+        reason = "question_refers_to_missing_region"
+    else:
+        reason = None
+    if reason is not None:
+        tally.skip_annotation(annotation, scheme, reason)
+        return None
+    prediction_answer = next(
+        (i for i in (prediction or {}).get("result") or [] if i.get("from_name") == scheme.answer), None
+    )
+    origin = _origin(answer_item, None)
+    conversation = _turn_pair(
+        question.strip(), answer, scheme, None, origin, _suggestion(origin, prediction_answer, scheme)
+    )
+    return (
+        [str(rectangle.get("id")) for rectangle, _ in pixel_boxes],
+        [box for _, box in pixel_boxes],
+        conversation,
+    )
+
+
+def _turn_pair(
+    question: str,
+    answer: str,
+    scheme: LabelingScheme,
+    region_id: str | None,
+    origin: str,
+    suggestion: str | None,
+) -> list[dict]:
+    return [
+        {"from": "human", "value": question, "kind": scheme.kind},
+        {
+            "from": "gpt",
+            "value": answer,
+            "source": {"region": region_id, "origin": origin, "suggestion": suggestion},
+        },
+    ]
+
+
+def _pixel_boxes(
+    annotation: Mapping[str, Any], scheme: LabelingScheme, image: StoredImage
+) -> list[tuple[Mapping[str, Any], list[int] | str]]:
+    """Each rectangle in result order with its pixel box, or the reason it has none."""
+    boxes: list[tuple[Mapping[str, Any], list[int] | str]] = []
+    seen = set()
+    for rectangle in _rectangles(annotation, scheme):
+        region_id = rectangle.get("id")
+        if region_id is None or str(region_id) in seen:
+            boxes.append((rectangle, "no_region_id" if region_id is None else "duplicate_region_id"))
+            continue
+        seen.add(str(region_id))
+        # The size of the image as fetched, not LS's original_width/height (possibly stale): rotated boxes
+        # need the true aspect ratio.
+        sized = {**rectangle, "original_width": image.width, "original_height": image.height}
+        try:
+            x1, y1, x2, y2 = region_from_item(sized).box
+            box = [
+                round(x1 * image.width),
+                round(y1 * image.height),
+                round(x2 * image.width),
+                round(y2 * image.height),
+            ]
+        except (ValueError, OverflowError):  # no numeric geometry, or NaN/infinity in it
+            boxes.append((rectangle, "invalid_box"))
+            continue
+        boxes.append((rectangle, box if box[2] > box[0] and box[3] > box[1] else "empty_box"))
+    return boxes
+
+
+def _answer(item: Mapping[str, Any] | None, scheme: LabelingScheme) -> tuple[str | None, str | None]:
+    """(answer, None) or (None, reason)."""
+    if scheme.answer_type == "textarea":
+        text = _text(item)
+        return (text, None) if text else (None, "no_text")
+    chosen = ((item or {}).get("value") or {}).get("choices") or []
+    if not chosen:
+        return None, "no_choice"
+    if len(chosen) > 1:
+        return None, "several_choices"
+    if chosen[0] not in scheme.choices:
+        return None, "choice_not_in_config"
+    return chosen[0], None
+
+
+def _question(
+    scheme: LabelingScheme, prompts: Prompts, typed_item: Mapping[str, Any] | None
+) -> tuple[str | None, str | None]:
+    """The question about one region, in terms of <region1>: (question, None) or (None, reason)."""
+    if scheme.kind == "caption":
+        return prompts.caption, None
+    if scheme.kind == "classification":
+        return prompts.classification_text(scheme.choices), None
+    typed = _text(typed_item)
+    if not typed:
+        return None, "no_question"
+    if not _REGION_TAG.search(typed):
+        typed = f"<region1>: {typed}"  # as the backend asks it (backend.results.describe_request)
+    if any(k != "1" for k in _REGION_TAG.findall(typed)):
+        return None, "question_refers_to_other_region"
+    return typed, None
+
+
+def _renumbered(question: str, number: int) -> str:
+    """The question about region 1 asked about region `number` of the record."""
+    return _REGION_TAG.sub(lambda m: f"<region{number}>" if m.group(1) == "1" else m.group(0), question)
+
+
+def _suggestion(origin: str, suggested_item: Mapping[str, Any] | None, scheme: LabelingScheme) -> str | None:
+    if origin != "prediction-changed" or suggested_item is None:
+        return None
+    if scheme.answer_type == "choices":
+        chosen = (suggested_item.get("value") or {}).get("choices") or []
+        return ", ".join(str(choice) for choice in chosen) or None
+    return _text(suggested_item) or None
+
+
+def _origin(answer_item: Mapping[str, Any] | None, rectangle: Mapping[str, Any] | None) -> str:
+    for item in (answer_item, rectangle):
+        origin = (item or {}).get("origin")
+        if isinstance(origin, str) and origin:
+            return origin
+    return UNKNOWN_ORIGIN
+
+
+def _source_prediction(task: Mapping[str, Any], annotation: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The prediction the annotation came from, or None (see the module docstring)."""
+    parent = annotation.get("parent_prediction")
+    if parent is not None:
+        return _known_predictions(task).get(parent)
+    viewed = annotation.get("prediction")
+    derived = any(item.get("origin") in ("prediction", "prediction-changed") for item in annotation["result"])
+    return viewed if derived and isinstance(viewed, Mapping) and viewed.get("result") is not None else None
+
+
+def _known_predictions(task: Mapping[str, Any]) -> dict[Any, Mapping[str, Any]]:
+    """The full predictions the export holds for a task, by id.
+
+    LS 1.23's JSON export lists a task's predictions by id only, but every annotation carries the
+    prediction LS recorded for it in full.
+    """
+    known: dict[Any, Mapping[str, Any]] = {}
+    candidates = [
+        *(task.get("predictions") or []),
+        *(a.get("prediction") for a in task.get("annotations") or []),
+    ]
+    for prediction in candidates:
+        if isinstance(prediction, Mapping) and prediction.get("id") is not None:
+            known.setdefault(prediction["id"], prediction)
+    return known
+
+
+def unresolved_parent_predictions(task: Mapping[str, Any]) -> set:
+    """parent_prediction ids of the task's annotations whose full prediction the export lacks."""
+    parents = {a.get("parent_prediction") for a in task.get("annotations") or []} - {None}
+    return parents - set(_known_predictions(task))
+
+
+# --- reading LS's JSON ---------------------------------------------------------------------------------
+
+
+def _sorted_tasks(tasks: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    if isinstance(tasks, Mapping | str | bytes):
+        raise ValueError("the export must be a list of tasks (Label Studio's JSON export format)")
+    checked = []
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Mapping) or not _is_id(task.get("id")):
+            raise ValueError(f"export entry {index} is not a task with an integer 'id': {str(task)[:200]}")
+        checked.append(task)
+    ids = [task["id"] for task in checked]
+    if len(ids) != len(set(ids)):
+        raise ValueError("the export lists a task id twice")
+    return sorted(checked, key=lambda task: task["id"])
+
+
+def _annotations(task: Mapping[str, Any]) -> list[dict]:
+    annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise ValueError(f"task {task['id']}: 'annotations' is not a list")
+    for annotation in annotations:
+        if not isinstance(annotation, Mapping) or not _is_id(annotation.get("id")):
+            raise ValueError(f"task {task['id']}: an annotation has no integer 'id': {str(annotation)[:200]}")
+        result = annotation.get("result")
+        if not isinstance(result, list) or not all(isinstance(item, Mapping) for item in result):
+            raise ValueError(f"annotation {annotation['id']}: 'result' is not a list of result items")
+    return sorted(annotations, key=lambda annotation: annotation["id"])
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rectangles(annotation: Mapping[str, Any], scheme: LabelingScheme) -> list[Mapping[str, Any]]:
+    return [item for item in annotation["result"] if item.get("from_name") == scheme.rectangle]
+
+
+def _region_ref(annotation: Mapping[str, Any], rectangle: Mapping[str, Any]) -> str:
+    """How the report names a rectangle: annotation id:region id, plus #2, #3 ... for reused ids."""
+    twins = [
+        item
+        for item in annotation["result"]
+        if item.get("from_name") == rectangle.get("from_name") and item.get("id") == rectangle.get("id")
+    ]
+    position = next(index for index, item in enumerate(twins, start=1) if item is rectangle)
+    ref = f"{annotation['id']}:{rectangle.get('id')}"
+    return ref if position == 1 else f"{ref}#{position}"
+
+
+def _items_by_region(
+    result: Iterable[Mapping[str, Any]], control: str | None
+) -> dict[str, Mapping[str, Any]]:
+    """The items of `control` by region id; the first wins."""
+    items: dict[str, Mapping[str, Any]] = {}
+    for item in result:
+        if control is not None and item.get("from_name") == control:
+            items.setdefault(str(item.get("id")), item)
+    return items
+
+
+def _text(item: Mapping[str, Any] | None) -> str:
+    """A TextArea item's text: its submitted lines, stripped and joined by spaces."""
+    lines = ((item or {}).get("value") or {}).get("text") or []
+    if isinstance(lines, str):
+        lines = [lines]
+    return " ".join(line.strip() for line in lines if isinstance(line, str) and line.strip())
+
+
+def _image_url(task: Mapping[str, Any], scheme: LabelingScheme) -> str | None:
+    url = (task.get("data") or {}).get(scheme.image_key)
+    return url.strip() if isinstance(url, str) and url.strip() else None
+
+
+def _annotator(annotation: Mapping[str, Any]) -> Any:
+    completed_by = annotation.get("completed_by")
+    # The JSON export gives the user id; some serializations give the user object.
+    return completed_by.get("id") if isinstance(completed_by, Mapping) else completed_by
+
+
+# --- the I/O around it ---------------------------------------------------------------------------------
+
+
+def export_project(
+    client: LabelStudioClient,
+    project: int,
+    out_dir: Path,
+    settings: Settings,
+    extra_params: Any = None,
+) -> dict[str, Any]:
+    """Export `project` into `out_dir` (data.jsonl, images/, report.json, manifest.json); returns the report.
+
+    `extra_params` is the project's ML-backend extra params (a JSON object or its text): its prompts and
+    controls must be the ones the backend asks with. Raises LabelStudioError when Label Studio fails,
+    ValueError (UnsupportedConfig) for a label config this backend cannot read.
+    """
+    out_dir = Path(out_dir)
+    params = ProjectParams.from_extra_params(extra_params)
+    label_config = client.get_project(project).get("label_config") or ""
+    scheme = scheme_from_config(label_config, params.extra)
+    tasks = [_with_parent_predictions(client, task) for task in client.export_json(project)]
+    log.info("project %d: %d exported tasks (%s)", project, len(tasks), scheme.kind)
+
+    images: dict[str, StoredImage | str] = {}
+    for url, task_id in images_needed(tasks, scheme).items():
+        try:
+            images[url] = export_image(client, url, task_id, settings, out_dir)
+        except ImageError as error:
+            log.warning("task %d: %s", task_id, error)
+            images[url] = str(error)
+    conversion = convert_tasks(tasks, scheme, params.prompts, project, images)
+    write_dataset(
+        out_dir,
+        conversion,
+        {
+            "project": project,
+            "kind": scheme.kind,
+            "label_config_sha256": _sha256(label_config.encode()),
+            "extra_params": params.extra,
+        },
+    )
+    return conversion.report
+
+
+def _with_parent_predictions(client: LabelStudioClient, task: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The task with its full predictions when the export lacks one an annotation came from."""
+    if isinstance(task, Mapping) and _is_id(task.get("id")) and unresolved_parent_predictions(task):
+        return {**task, "predictions": client.predictions(task["id"])}
+    return task
+
+
+def write_dataset(out_dir: Path, conversion: Conversion, manifest: Mapping[str, Any]) -> None:
+    """data.jsonl and report.json, stored images no record uses removed, then manifest.json (written last)."""
+    out_dir = Path(out_dir)
+    data = b"".join(_json_bytes(record) + b"\n" for record in conversion.records)
+    report = json.dumps(conversion.report, sort_keys=True, indent=1, ensure_ascii=False).encode() + b"\n"
+    write_bytes_atomically(out_dir / DATA_FILE, data)
+    write_bytes_atomically(out_dir / REPORT_FILE, report)
+    used = {record["image"] for record in conversion.records}
+    images_dir = out_dir / IMAGES_DIR
+    if images_dir.is_dir():
+        for path in sorted(images_dir.iterdir()):
+            # Only files this export names by content hash: anything else in the folder is left alone.
+            if _STORED_IMAGE_NAME.fullmatch(path.name) and f"{IMAGES_DIR}/{path.name}" not in used:
+                path.unlink()
+    summary = {
+        **manifest,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "records": len(conversion.records),
+        "images": len(used),
+        "files": {DATA_FILE: _sha256(data), REPORT_FILE: _sha256(report)},
+    }
+    write_bytes_atomically(
+        out_dir / MANIFEST_FILE, json.dumps(summary, sort_keys=True, indent=1).encode() + b"\n"
+    )
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- roi-model export ----------------------------------------------------------------------------------
+
+
+def register_cli(commands: argparse._SubParsersAction) -> None:
+    """Add `export` to roi-model (entry point group "roi_model.commands")."""
+    command = commands.add_parser(
+        "export",
+        help="turn a Label Studio project's curated annotations into training records (LABEL_STUDIO_URL, ..._API_KEY)",
+    )
+    command.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    command.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="dataset folder: data.jsonl, images/, report.json, manifest.json",
+    )
+    command.add_argument(
+        "--extra-params",
+        help="the project's ML-backend extra params as JSON, for its prompts and controls "
+        '(e.g. \'{"prompts": {"caption": "Describe <region1>."}}\'); default: none',
+    )
+    command.set_defaults(func=run_export_command)
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if not settings.label_studio_api_key:
+        print("roi-model export: set LABEL_STUDIO_API_KEY (and LABEL_STUDIO_URL)", file=sys.stderr)
+        return 2
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    try:
+        report = export_project(client, args.project, args.out, settings, args.extra_params)
+    except LabelStudioError as error:
+        print(f"roi-model export: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, sort_keys=True, ensure_ascii=False))
+    return 0

@@ -1,0 +1,291 @@
+"""/predict: turn Label Studio's tasks into describe jobs, wait for the workers, and answer one item per task.
+
+Two kinds of call arrive (reference/label-studio.md §2.3, §2.4):
+
+* interactive (``params.context`` set, one task): the annotator just drew a box. Describe that box on the
+  `interactive` queue, wait up to the predict timeout, and reply with the box echoed plus the answer item
+  sharing its id.
+* batch ("Retrieve predictions", auto-predict when a task opens): describe the regions each task already
+  has. Up to `inline_tasks` tasks with regions are answered inline (one describe job each, waited for
+  together); a larger selection is answered with the results that are ready and handed to one
+  `prelabel_tasks` job, which writes the rest back through the Label Studio API.
+
+Describe jobs get a deterministic id (a digest of the job payload), so identical requests share one job:
+opening a task fires two identical /predict calls, and a result stays reusable for the queue's result_ttl.
+
+What each task's item means to Label Studio 1.23.2 (ml/models.py):
+
+* ``{"result": [...], "score", "model_version"}``: stored as a prediction.
+* ``{"result": [], "score": 0.0}``: the task has nothing to describe (no regions); stored as an empty
+  prediction of the served model version, so Label Studio does not ask again for it.
+* an item without "result" (a failure with ``"error"``, or ``"status": "queued"``): Label Studio stores
+  nothing and asks again next time. Interactive replies always carry a "result" (empty on failure),
+  because the labeling UI reads it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq.job import Job
+from werkzeug.exceptions import BadRequest
+
+from backend.labeling import LabelingScheme, Prompts
+from backend.project_state import ProjectParams, parse_project_id
+from backend.queues import INTERACTIVE, PRELABEL, JobFailed, JobTimeout, wait_for_result
+from backend.results import Region, describe_request, drawn_region, prediction_from_answers, task_regions
+from backend.submit import finished_return_value, submit_once
+
+log = logging.getLogger(__name__)
+
+DESCRIBE_JOB = "worker.jobs.describe_regions"
+PRELABEL_JOB = "worker.jobs.prelabel_tasks"
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    project_id: int
+    label_config: str
+    tasks: list[dict[str, Any]]
+    context_result: list[dict[str, Any]] | None  # the regions of an interactive call; None for batch
+
+    @property
+    def interactive(self) -> bool:
+        return self.context_result is not None
+
+
+def parse_predict_request(body: Mapping[str, Any]) -> PredictRequest:
+    """Check the /predict body; raises BadRequest naming the problem."""
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+    for index, task in enumerate(tasks):
+        if not isinstance(task, dict) or "id" not in task:
+            raise BadRequest(f"task {index} must be a JSON object with an 'id'")
+    label_config = body.get("label_config")
+    if not isinstance(label_config, str) or not label_config.strip():
+        raise BadRequest("'label_config' must be the project's label config (XML)")
+    try:
+        project_id = parse_project_id(body.get("project"))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be a JSON object")
+    context = params.get("context")
+    context_result = None
+    if context is not None:
+        if not isinstance(context, dict) or not isinstance(context.get("result"), list):
+            raise BadRequest("'params.context' must be a JSON object with a 'result' list")
+        if len(tasks) != 1:
+            raise BadRequest(
+                f"an interactive call (params.context set) needs exactly one task, got {len(tasks)}"
+            )
+        context_result = [item for item in context["result"] if isinstance(item, dict)]
+    return PredictRequest(project_id, label_config, tasks, context_result)
+
+
+@dataclass
+class TaskPlan:
+    """What to do for one task: run `request` as a describe job, or answer `outcome` as it is."""
+
+    task_id: Any
+    regions: Sequence[Region] = ()
+    request: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+
+
+def plan_interactive(
+    task: Mapping[str, Any],
+    context_result: Sequence[Mapping[str, Any]],
+    scheme: LabelingScheme,
+    prompts: Prompts,
+    max_new_tokens: int,
+) -> TaskPlan:
+    """Describe the box just drawn (the last manual rectangle of the context)."""
+    try:
+        if scheme.kind == "reasoning":
+            raise ValueError(
+                "interactive pre-annotation does not apply to a reasoning config: its question is about "
+                "all the boxes together; use Retrieve predictions once they are drawn"
+            )
+        region = drawn_region(context_result, scheme)
+        request = describe_request(
+            task,
+            [region],
+            scheme,
+            prompts,
+            source_result=context_result,
+            max_new_tokens=max_new_tokens,
+            only_region_id=region.id,
+        )
+    except ValueError as exc:
+        return TaskPlan(task.get("id"), outcome=failed(str(exc)))
+    if not request["questions"]:
+        return TaskPlan(task.get("id"), outcome=failed(f"nothing to ask about region {region.id!r} yet"))
+    return TaskPlan(task.get("id"), [region], request)
+
+
+def plan_batch_task(
+    task: Mapping[str, Any], scheme: LabelingScheme, prompts: Prompts, max_new_tokens: int
+) -> TaskPlan:
+    """Describe the regions a task already has; an empty result when it has none (or nothing to ask)."""
+    regions, source_result = task_regions(task, scheme)
+    if not regions:
+        return TaskPlan(task.get("id"), outcome=empty())
+    try:
+        request = describe_request(
+            task, regions, scheme, prompts, source_result=source_result, max_new_tokens=max_new_tokens
+        )
+    except ValueError as exc:
+        return TaskPlan(task.get("id"), regions, outcome=failed(str(exc)))
+    if not request["questions"]:
+        return TaskPlan(task.get("id"), regions, outcome=empty())
+    return TaskPlan(task.get("id"), regions, request)
+
+
+def empty() -> dict[str, Any]:
+    return {"result": [], "score": 0.0}
+
+
+def failed(reason: str) -> dict[str, Any]:
+    return {"error": reason}
+
+
+def describe_job_id(request: Mapping[str, Any]) -> str:
+    """The same id for the same describe payload."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
+    return "describe-" + hashlib.sha256(canonical.encode()).hexdigest()[:40]
+
+
+def prelabel_job_id(project_id: int, task_ids: Sequence[Any]) -> str:
+    digest = hashlib.sha256(",".join(sorted(str(task_id) for task_id in task_ids)).encode()).hexdigest()
+    return f"prelabel-{project_id}-{digest[:24]}"
+
+
+class Predictor:
+    """Runs the plans against the queues; one per app, shared by its threads."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        timeout_s: float,
+        inline_tasks: int,
+        max_new_tokens: int,
+        describe_job: str = DESCRIBE_JOB,
+        prelabel_job: str = PRELABEL_JOB,
+    ) -> None:
+        self.connection = connection
+        self.timeout_s = timeout_s
+        self.inline_tasks = inline_tasks
+        self.max_new_tokens = max_new_tokens
+        self.describe_job = describe_job
+        self.prelabel_job = prelabel_job
+
+    def predict(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectParams) -> dict[str, Any]:
+        """The /predict reply: {"results": [one item per task, in order]}."""
+        if call.interactive:
+            return {"results": [self._interactive(call, scheme, params)]}
+        return {"results": self._batch(call, scheme, params)}
+
+    def _interactive(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectParams) -> dict:
+        task = call.tasks[0]
+        plan = plan_interactive(task, call.context_result or [], scheme, params.prompts, self.max_new_tokens)
+        if plan.request is not None:
+            job, _ = self._submit_describe(plan)
+            plan.outcome = self._collect(plan, job, scheme, time.monotonic() + self.timeout_s)
+        outcome = plan.outcome or failed("no outcome")
+        if "error" in outcome:
+            log.warning(
+                "project %s task %s: interactive: %s", call.project_id, plan.task_id, outcome["error"]
+            )
+        # The labeling UI reads "result" directly: always give it one.
+        return {"result": [], **outcome}
+
+    def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectParams) -> list[dict]:
+        plans = [plan_batch_task(task, scheme, params.prompts, self.max_new_tokens) for task in call.tasks]
+        to_describe = [plan for plan in plans if plan.request is not None]
+        if len(to_describe) <= self.inline_tasks:
+            deadline = time.monotonic() + self.timeout_s
+            jobs = [(plan, self._submit_describe(plan)[0]) for plan in to_describe]
+            for plan, job in jobs:
+                plan.outcome = self._collect(plan, job, scheme, deadline)
+        else:
+            self._answer_ready_or_hand_over(call, to_describe, scheme, params)
+        for plan in plans:
+            if plan.outcome and "error" in plan.outcome:
+                log.warning("project %s task %s: %s", call.project_id, plan.task_id, plan.outcome["error"])
+        return [plan.outcome or failed("no outcome") for plan in plans]
+
+    def _answer_ready_or_hand_over(
+        self, call: PredictRequest, plans: Sequence[TaskPlan], scheme: LabelingScheme, params: ProjectParams
+    ) -> None:
+        """Answer the tasks whose describe job already finished; one prelabel job writes back the rest."""
+        pending = []
+        for plan in plans:
+            ready, answer = finished_return_value(self.connection, describe_job_id(plan.request or {}))
+            if ready:
+                plan.outcome = self._prediction(plan, answer, scheme)
+            else:
+                pending.append(plan)
+        if not pending:
+            return
+        task_ids = [plan.task_id for plan in pending]
+        job, created = submit_once(
+            self.connection,
+            PRELABEL,
+            self.prelabel_job,
+            job_id=prelabel_job_id(call.project_id, task_ids),
+            reuse_finished=False,
+            project_id=call.project_id,
+            task_ids=task_ids,
+            extra_params=params.extra or None,
+        )
+        log.info(
+            "project %s: %d tasks handed to prelabel job %s (%s)",
+            call.project_id,
+            len(pending),
+            job.id,
+            "new" if created else "already queued",
+        )
+        for plan in pending:
+            plan.outcome = {"status": "queued", "job_id": job.id}
+
+    def _submit_describe(self, plan: TaskPlan) -> tuple[Job, bool]:
+        request = plan.request or {}
+        return submit_once(
+            self.connection,
+            INTERACTIVE,
+            self.describe_job,
+            request,
+            job_id=describe_job_id(request),
+            reuse_finished=True,
+        )
+
+    def _collect(self, plan: TaskPlan, job: Job, scheme: LabelingScheme, deadline: float) -> dict[str, Any]:
+        try:
+            answer = wait_for_result(job, max(deadline - time.monotonic(), 0.001))
+        except JobTimeout:
+            return failed(f"no answer within {self.timeout_s:g} s (job {job.id} is still queued or running)")
+        except JobFailed as exc:
+            return failed(f"job {job.id} failed: {exc.reason}")
+        return self._prediction(plan, answer, scheme)
+
+    def _prediction(self, plan: TaskPlan, answer: Any, scheme: LabelingScheme) -> dict[str, Any]:
+        if not isinstance(answer, dict) or not isinstance(answer.get("answers"), list):
+            return failed(f"the worker's answer has no 'answers' list: {str(answer)[:200]}")
+        model_version = answer.get("model_version")
+        if not isinstance(model_version, str) or not model_version:
+            return failed("the worker's answer has no 'model_version'")
+        try:
+            return prediction_from_answers(scheme, plan.regions, answer["answers"], model_version)
+        except ValueError as exc:
+            return failed(f"the worker's answer does not fit: {exc}")

@@ -1,0 +1,374 @@
+"""Training on spatial-instruction records, with the Hugging Face Trainer.
+
+Records are the JSONL of DESIGN.md: one image, its pixel boxes, a conversation that refers to
+them as `<regionK>`. By default each question of a record becomes its own row (the way the
+model is asked at inference), and every row of a record shares one pass of the vision tower.
+
+Stages, as in GPT4RoI: "region" trains the region encoder only; "projector" adds the image
+projector; "lora" adds LoRA adapters on the LLM (merged into the weights at the end); "full"
+trains everything but the vision tower; "scratch" trains everything (a model built from config,
+where nothing is pretrained).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .assembly import build_model, save_pretrained
+from .loading import load_pretrained
+from .modeling import RegionLLMForCausalLM
+from .processing import IGNORE_INDEX, RegionProcessor, load_image
+from .tiny import train_word_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("region", "projector", "lora", "full", "scratch")
+REGION_TAG = re.compile(r"<region(\d+)>")
+REGION_NAME = re.compile(r"\bregion(\d+)\b")
+
+
+@dataclass
+class TrainOptions:
+    data: list[Path]
+    out: Path
+    init: Path | None = None  # a model directory to start from ...
+    config: str | None = None  # ... or a named config (roi_model.presets) built from scratch
+    stage: str = "lora"
+    steps: int = 1000
+    batch_size: int = 8  # records (images) per step; each record gives one row per question
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_data: Path | None = None
+    eval_every: int = 200
+    eval_records: int = 64
+    save_every: int = 200
+    seed: int = 0
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    split_turns: bool = True
+    resume: bool = False
+    max_minutes: float | None = None
+    keep_checkpoints: bool = False
+    extra_vocabulary: list[str] = field(default_factory=list)
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
+        if (self.init is None) == (self.config is None):
+            raise ValueError("give exactly one of --init (a model directory) or --config (a named config)")
+
+
+# data ---------------------------------------------------------------------------------------------------
+def read_records(paths: Iterable[Path]) -> list[dict]:
+    """Records of one or more JSONL files; each remembers its folder, against which its image path resolves."""
+    records = []
+    for path in paths:
+        path = Path(path)
+        with path.open() as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not JSON: {error}") from None
+                for key in ("image", "width", "height", "regions", "conversations"):
+                    if key not in record:
+                        raise ValueError(f"{path}:{number} has no {key!r}")
+                record["_root"] = str(path.parent)
+                records.append(record)
+    if not records:
+        raise ValueError(f"no records in {', '.join(map(str, paths))}")
+    return records
+
+
+def normalized_boxes(record: dict) -> list[list[float]]:
+    width, height = record["width"], record["height"]
+    return [[x1 / width, y1 / height, x2 / width, y2 / height] for x1, y1, x2, y2 in record["regions"]]
+
+
+def question_rows(record: dict, split: bool) -> list[tuple[list[tuple[str, str]], list[int], str | None]]:
+    """(turns, region indices, question kind) for each training row of a record.
+
+    Split rows hold one question each, with its regions renumbered from 1 in order of mention;
+    "regionK" in the answer is renumbered alike (a "which is larger" answer names a region).
+    """
+    pairs = []
+    conversation = record["conversations"]
+    for index in range(0, len(conversation) - 1, 2):
+        human, gpt = conversation[index], conversation[index + 1]
+        if human["from"] != "human" or gpt["from"] != "gpt":
+            raise ValueError(f"record {record.get('id')}: turns must alternate human, gpt")
+        pairs.append((human["value"], gpt["value"], human.get("kind")))
+    if not split:
+        turns = [
+            turn for question, answer, _ in pairs for turn in (("user", question), ("assistant", answer))
+        ]
+        return [(turns, list(range(len(record["regions"]))), None)]
+    rows = []
+    for question, answer, kind in pairs:
+        mentioned = list(dict.fromkeys(int(number) for number in REGION_TAG.findall(question)))
+        local = {number: position + 1 for position, number in enumerate(mentioned)}
+
+        def renumber(pattern: re.Pattern, text: str, template: str, mapping=local) -> str:
+            return pattern.sub(lambda m: template.format(mapping.get(int(m.group(1)), int(m.group(1)))), text)
+
+        turns = [
+            ("user", renumber(REGION_TAG, question, "<region{}>")),
+            ("assistant", renumber(REGION_NAME, answer, "region{}")),
+        ]
+        rows.append((turns, [number - 1 for number in mentioned], kind))
+    return rows
+
+
+class RecordImages:
+    """Decoded, resized images held in memory as uint8: a record's image is read from disk once."""
+
+    def __init__(self, processor: RegionProcessor):
+        self.processor = processor
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def pixel_values(self, record: dict) -> torch.Tensor:
+        path = str(Path(record["_root"]) / record["image"])
+        if path not in self.cache:
+            size = self.processor.config.image_size
+            image = load_image(Path(path)).resize((size, size), Image.Resampling.BICUBIC)
+            self.cache[path] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        pixels = self.cache[path].float() / 255
+        mean = torch.tensor(self.processor.config.image_mean)[:, None, None]
+        std = torch.tensor(self.processor.config.image_std)[:, None, None]
+        return (pixels - mean) / std
+
+
+class RegionCollator:
+    """Records -> one batch: every question row, the images once, and which image each row shows."""
+
+    def __init__(self, processor: RegionProcessor, split_turns: bool = True):
+        self.processor = processor
+        self.split_turns = split_turns
+        self.images = RecordImages(processor)
+
+    def __call__(self, records: Sequence[dict]) -> dict:
+        examples, image_index = [], []
+        for position, record in enumerate(records):
+            boxes = normalized_boxes(record)
+            for turns, regions, _ in question_rows(record, self.split_turns):
+                encoded = self.processor.encode(turns, len(regions), generation=False)
+                row_boxes = torch.tensor([boxes[regions[k]] for k in encoded.box_order]).reshape(-1, 4)
+                examples.append((encoded, row_boxes))
+                image_index.append(position)
+        longest = max(len(encoded.input_ids) for encoded, _ in examples)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.full((len(examples), longest), pad, dtype=torch.long)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, (encoded, _) in enumerate(examples):
+            length = len(encoded.input_ids)
+            input_ids[row, :length] = torch.tensor(encoded.input_ids)
+            labels[row, :length] = torch.tensor(encoded.labels)
+            attention_mask[row, :length] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.stack([self.images.pixel_values(record) for record in records]),
+            "image_index": torch.tensor(image_index),
+            "boxes": [row_boxes for _, row_boxes in examples],
+        }
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+
+# model ------------------------------------------------------------------------------------------------
+def record_texts(records: Iterable[dict]) -> Iterable[str]:
+    for record in records:
+        for turn in record["conversations"]:
+            yield REGION_TAG.sub(" ", turn["value"])
+
+
+def prepare_model(options: TrainOptions, records: list[dict]) -> tuple[RegionLLMForCausalLM, RegionProcessor]:
+    if options.init is not None:
+        return load_pretrained(options.init, device=options.device, dtype="float32")
+    from .presets import preset_config
+
+    config = preset_config(options.config)
+    config.freeze_vision_tower = options.stage != "scratch"
+    tokenizer = train_word_tokenizer([*record_texts(records), " ".join(options.extra_vocabulary)])
+    torch.manual_seed(options.seed)
+    return build_model(config, tokenizer)
+
+
+def apply_stage(model: RegionLLMForCausalLM, options: TrainOptions) -> RegionLLMForCausalLM:
+    """Freeze what the stage does not train; wrap the LLM with LoRA adapters for the "lora" stage."""
+    model.requires_grad_(options.stage == "scratch")
+    model.config.freeze_vision_tower = options.stage != "scratch"
+    model.region_encoder.requires_grad_(True)
+    if options.stage in ("projector", "lora", "full"):
+        model.mm_projector.requires_grad_(True)
+    if options.stage == "full":
+        model.language_model.requires_grad_(True)
+    if options.stage == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=options.lora_rank,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
+        model.language_model = get_peft_model(model.language_model, lora)
+    return model
+
+
+def merge_adapters(model: RegionLLMForCausalLM) -> RegionLLMForCausalLM:
+    if hasattr(model.language_model, "merge_and_unload"):
+        model.language_model = model.language_model.merge_and_unload()
+    return model
+
+
+# metrics and callbacks -----------------------------------------------------------------------------------
+def answer_argmax(logits, labels):
+    return logits.argmax(dim=-1)
+
+
+def teacher_forced_exact_match(prediction) -> dict:
+    """Share of rows whose every answer token is the argmax: exactly the rows greedy decoding gets right."""
+    predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+    answer = labels != IGNORE_INDEX
+    correct = ((predicted == labels) | ~answer).all(axis=1)
+    return {"exact_match": float(correct[answer.any(axis=1)].mean())}
+
+
+class TimeBudget(TrainerCallback):
+    """Stop cleanly (saving a checkpoint) once the wall-clock budget is spent."""
+
+    def __init__(self, minutes: float):
+        self.deadline = time.monotonic() + minutes * 60
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() > self.deadline:
+            logger.warning("time budget spent at step %d", state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    if train:
+        axis.plot(*zip(*train, strict=True), label="train")
+    if evaluation:
+        axis.plot(*zip(*evaluation, strict=True), marker="o", label="held-out")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_yscale("log")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# the training run --------------------------------------------------------------------------------------
+def train(options: TrainOptions) -> dict:
+    """Train, then write a complete model directory to options.out. Returns the run's summary."""
+    started = time.monotonic()
+    records = read_records(options.data)
+    eval_records = read_records([options.eval_data])[: options.eval_records] if options.eval_data else None
+    model, processor = prepare_model(options, records + (eval_records or []))
+    model = apply_stage(model, options)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("stage %s: %d trainable parameters", options.stage, trainable)
+
+    checkpoints = options.out / "checkpoints"
+    arguments = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=options.steps,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        logging_steps=max(1, min(50, options.steps // 20)),
+        eval_strategy="steps" if eval_records else "no",
+        eval_steps=options.eval_every,
+        save_strategy="steps",
+        save_steps=options.save_every,
+        save_total_limit=2,
+        seed=options.seed,
+        data_seed=options.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to=[],
+        use_cpu=options.device == "cpu" or not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=RecordDataset(records),
+        eval_dataset=RecordDataset(eval_records) if eval_records else None,
+        data_collator=RegionCollator(processor, options.split_turns),
+        compute_metrics=teacher_forced_exact_match if eval_records else None,
+        preprocess_logits_for_metrics=answer_argmax if eval_records else None,
+        callbacks=[TimeBudget(options.max_minutes)] if options.max_minutes else [],
+    )
+    resume = options.resume and any(checkpoints.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+
+    model = merge_adapters(trainer.model)
+    model.config.freeze_vision_tower = True
+    options.out.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, processor, options.out)
+    plot_loss_curve(trainer.state.log_history, options.out / "loss_curve.png")
+    final_eval = trainer.evaluate() if eval_records else {}
+    summary = {
+        "stage": options.stage,
+        "steps": trainer.state.global_step,
+        "train_loss": round(result.training_loss, 5),
+        "eval_loss": round(final_eval["eval_loss"], 5) if final_eval else None,
+        "eval_exact_match": round(final_eval["eval_exact_match"], 4) if final_eval else None,
+        "trainable_parameters": trainable,
+        "diverged": not math.isfinite(result.training_loss),
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "options": {
+            key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()
+        },
+    }
+    summary["options"]["data"] = [str(path) for path in options.data]
+    (options.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not options.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return summary

@@ -1,0 +1,140 @@
+"""backend.export against a real Label Studio 1.23.2: its JSON export, its local files, its predictions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from backend.export import DATA_FILE, MANIFEST_FILE, REPORT_FILE, export_project
+from backend.ls_client import LabelStudioClient
+from backend.settings import Settings
+from devstack.label_studio import LabelStudio
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def box_and_caption(
+    region_id: str, box: tuple[float, float, float, float], text: str, origin: str
+) -> list[dict]:
+    """A rectangle and its caption, tied by their shared id, as the labeling UI saves them."""
+    x, y, width, height = box
+    geometry = {"x": x, "y": y, "width": width, "height": height, "rotation": 0}
+    common = {
+        "id": region_id,
+        "to_name": "image",
+        "original_width": 80,
+        "original_height": 60,
+        "origin": origin,
+    }
+    return [
+        {
+            **common,
+            "from_name": "label",
+            "type": "rectanglelabels",
+            "value": {**geometry, "rectanglelabels": ["Object"]},
+        },
+        {**common, "from_name": "caption", "type": "textarea", "value": {**geometry, "text": [text]}},
+    ]
+
+
+@pytest.fixture(scope="module")
+def project(label_studio: LabelStudio, ls_client: LabelStudioClient) -> int:
+    folder = label_studio.files_root / "export-images"
+    folder.mkdir(exist_ok=True)
+    # Stored 80x60 with EXIF orientation 6: Label Studio shows it, and the boxes refer to it, as 60x80.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(folder / "portrait.jpg", exif=exif)
+    Image.new("RGB", (40, 30), (30, 200, 30)).save(folder / "green.png")
+    project = ls_client.create_project(
+        "export checks", (REPO_ROOT / "labeling_configs" / "region_captioning.xml").read_text()
+    )
+    ls_client.add_local_storage(project, folder, "export images")
+    return project
+
+
+def test_a_project_export_becomes_records_with_provenance(
+    label_studio: LabelStudio, ls_client: LabelStudioClient, project: int, tmp_path: Path
+) -> None:
+    first_guess = {
+        "model_version": "v1",
+        "result": box_and_caption("r1", (10, 20, 50, 25), "a red square", "prediction"),
+    }
+    portrait, green = ls_client.import_tasks(
+        project,
+        [
+            {
+                "data": {"image": "/data/local-files/?d=export-images/portrait.jpg"},
+                "predictions": [first_guess],
+            },
+            {"data": {"image": "/data/local-files/?d=export-images/green.png"}},
+        ],
+    )
+    [parent] = [prediction["id"] for prediction in ls_client.predictions(portrait)]
+    # A newer prediction: the one LS records as viewed, while the annotation came from the first.
+    ls_client.create_prediction(
+        portrait,
+        box_and_caption("r1", (10, 20, 50, 25), "a red box", "prediction"),
+        score=0.5,
+        model_version="v2",
+    )
+
+    edited = box_and_caption("r1", (10, 20, 50, 25), "a red bar", "prediction-changed")
+    edited_id = ls_client.create_annotation(portrait, edited, parent_prediction=parent)
+    skipped_id = ls_client.create_annotation(portrait, [], was_cancelled=True)
+    other = ls_client.create_annotation(green, box_and_caption("g1", (0, 0, 50, 50), "green", "manual"))
+    truth = ls_client.create_annotation(
+        green, box_and_caption("g1", (0, 0, 50, 100), "a green field", "manual")
+    )
+    ls_client.update_annotation(
+        truth, box_and_caption("g1", (0, 0, 50, 100), "a green field", "manual"), ground_truth=True
+    )
+
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+    report = export_project(ls_client, project, tmp_path / "a", settings)
+
+    records = [json.loads(line) for line in (tmp_path / "a" / DATA_FILE).read_text().splitlines()]
+    assert [(r["id"], r["width"], r["height"], r["regions"]) for r in records] == [
+        (f"ls:{project}:{portrait}:{edited_id}", 60, 80, [[6, 16, 36, 36]]),
+        (f"ls:{project}:{green}:{truth}", 40, 30, [[0, 0, 20, 30]]),
+    ]
+    assert records[0]["conversations"] == [
+        {"from": "human", "value": "Describe <region1> briefly.", "kind": "caption"},
+        {
+            "from": "gpt",
+            "value": "a red bar",
+            "source": {"region": "r1", "origin": "prediction-changed", "suggestion": "a red square"},
+        },
+    ]
+    assert records[0]["source"]["model_version"] == "v1"
+    assert records[0]["source"]["annotator"] == records[1]["source"]["annotator"] is not None
+    assert records[1]["source"]["ground_truth"] is True
+    stored = tmp_path / "a" / records[0]["image"]
+    assert records[0]["image"] == f"images/{hashlib.sha256(stored.read_bytes()).hexdigest()}.jpg"
+
+    assert report["annotations_skipped"] == {
+        "cancelled": [skipped_id],
+        "superseded_by_ground_truth": [other],
+    }
+    assert report["regions_skipped"] == {"annotation_superseded_by_ground_truth": [f"{other}:g1"]}
+    assert (report["annotations_total"], report["regions_total"], report["records"], report["images"]) == (
+        4,
+        3,
+        2,
+        2,
+    )
+    assert report["by_origin"] == {"prediction": 0, "prediction-changed": 1, "manual": 1}
+    assert json.loads((tmp_path / "a" / REPORT_FILE).read_text()) == report
+
+    # A second export of the unchanged project gives the same bytes; only the manifest's time differs.
+    export_project(ls_client, project, tmp_path / "b", settings)
+    for name in (DATA_FILE, REPORT_FILE, records[0]["image"], records[1]["image"]):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    manifests = [json.loads((tmp_path / side / MANIFEST_FILE).read_text()) for side in "ab"]
+    for manifest in manifests:
+        del manifest["exported_at"]
+    assert manifests[0] == manifests[1]

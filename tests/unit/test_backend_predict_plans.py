@@ -1,0 +1,144 @@
+"""backend.predict without Redis: what each task becomes (a describe job, an empty result, an error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.labeling import Prompts, scheme_from_config
+from backend.predict import (
+    describe_job_id,
+    empty,
+    parse_predict_request,
+    plan_batch_task,
+    plan_interactive,
+    prelabel_job_id,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
+CAPTION = scheme_from_config((CONFIGS / "region_captioning.xml").read_text())
+REGION_QA = scheme_from_config((CONFIGS / "region_qa.xml").read_text())
+REASONING = scheme_from_config((CONFIGS / "multi_region_reasoning.xml").read_text())
+PROMPTS = Prompts()
+
+
+def rectangle(region_id, x=10, origin=None):
+    item = {
+        "id": region_id,
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": 800,
+        "original_height": 600,
+        "value": {"x": x, "y": 10, "width": 20, "height": 20, "rotation": 0, "rectanglelabels": ["Object"]},
+    }
+    if origin:
+        item["origin"] = origin
+    return item
+
+
+def task(task_id=1, **fields):
+    return {"id": task_id, "data": {"image": "/data/upload/1/a.png"}, **fields}
+
+
+def test_interactive_plan_describes_only_the_last_manual_box():
+    context = [rectangle("old", origin="prediction"), rectangle("new", x=50, origin="manual")]
+
+    plan = plan_interactive(task(), context, CAPTION, PROMPTS, max_new_tokens=32)
+
+    assert [region.id for region in plan.regions] == ["new"]
+    assert plan.request == {
+        "image": {"url": "/data/upload/1/a.png", "task_id": 1},
+        "regions": [{"id": "new", "box": [0.5, 0.1, 0.7, 0.3]}],
+        "questions": [{"id": "new:caption", "text": "Describe <region1> briefly.", "regions": ["new"]}],
+        "max_new_tokens": 32,
+    }
+    assert plan.outcome is None
+
+
+def test_interactive_plan_without_a_rectangle_explains_why():
+    plan = plan_interactive(task(), [], CAPTION, PROMPTS, 32)
+
+    assert plan.request is None
+    assert plan.outcome == {"error": "the interactive context has no rectangle from control 'label'"}
+
+
+def test_interactive_plan_for_a_reasoning_config_explains_why():
+    plan = plan_interactive(task(), [rectangle("r1", origin="manual")], REASONING, PROMPTS, 32)
+
+    assert plan.request is None
+    assert plan.outcome["error"].startswith("interactive pre-annotation does not apply to a reasoning config")
+
+
+def test_interactive_region_qa_without_a_typed_question_asks_nothing():
+    plan = plan_interactive(task(), [rectangle("r1", origin="manual")], REGION_QA, PROMPTS, 32)
+
+    assert plan.request is None
+    assert plan.outcome == {"error": "nothing to ask about region 'r1' yet"}
+
+
+def test_batch_plan_uses_the_newest_annotation_and_gives_an_empty_result_without_regions():
+    annotated = task(
+        annotations=[
+            {"id": 1, "result": [rectangle("old")], "updated_at": "2024-01-01T00:00:00Z"},
+            {"id": 2, "result": [rectangle("a"), rectangle("b", x=60)], "updated_at": "2024-02-01T00:00:00Z"},
+        ]
+    )
+
+    plan = plan_batch_task(annotated, CAPTION, PROMPTS, 32)
+    bare = plan_batch_task(task(annotations=[], predictions=[]), CAPTION, PROMPTS, 32)
+
+    assert [region["id"] for region in plan.request["regions"]] == ["a", "b"]
+    assert (bare.request, bare.outcome) == (None, empty())
+
+
+def test_batch_plan_for_a_task_without_image_is_an_error_item_without_result():
+    plan = plan_batch_task(
+        {"id": 9, "data": {}, "predictions": [{"result": [rectangle("p")]}]}, CAPTION, PROMPTS, 32
+    )
+
+    assert plan.request is None
+    assert plan.outcome == {"error": "task 9 has no 'image' in its data"}
+
+
+def test_batch_region_qa_asks_the_typed_questions():
+    question = {
+        "id": "q1",
+        "from_name": "question",
+        "to_name": "image",
+        "type": "textarea",
+        "value": {"text": ["what colour is it?"]},
+    }
+    answered = task(annotations=[{"id": 1, "result": [rectangle("q1"), question, rectangle("q2", x=60)]}])
+
+    plan = plan_batch_task(answered, REGION_QA, PROMPTS, 32)
+
+    assert plan.request["questions"] == [
+        {"id": "q1:region_qa", "text": "<region1>: what colour is it?", "regions": ["q1"]}
+    ]
+    assert [region["id"] for region in plan.request["regions"]] == ["q1"]
+
+
+def test_job_ids_depend_only_on_the_payload():
+    request = plan_interactive(task(), [rectangle("r", origin="manual")], CAPTION, PROMPTS, 32).request
+    moved = plan_interactive(task(), [rectangle("r", x=11, origin="manual")], CAPTION, PROMPTS, 32).request
+
+    assert describe_job_id(request) == describe_job_id(dict(reversed(list(request.items()))))
+    assert describe_job_id(request) != describe_job_id(moved)
+    assert describe_job_id(request).startswith("describe-")
+    assert prelabel_job_id(3, [2, 1]) == prelabel_job_id(3, [1, 2]) != prelabel_job_id(4, [1, 2])
+
+
+def test_parse_predict_request_tells_interactive_from_batch():
+    body = {
+        "tasks": [task()],
+        "project": "7.1700000000",
+        "label_config": "<View/>",
+        "params": {"context": None},
+    }
+
+    batch = parse_predict_request(body)
+    interactive = parse_predict_request({**body, "params": {"context": {"result": [rectangle("r")]}}})
+
+    assert (batch.project_id, batch.interactive) == (7, False)
+    assert interactive.interactive
+    assert interactive.context_result == [rectangle("r")]
