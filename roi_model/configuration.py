@@ -102,3 +102,7 @@ class RegionLLMConfig(PreTrainedConfig):
             raise ValueError(f"unknown template {self.template!r}: use 'gpt4roi_v0' or 'chat'")
         if self.projector_type not in ("linear", "mlp2x_gelu"):
             raise ValueError(f"unknown projector_type {self.projector_type!r}")
+
+
+# Known to AutoConfig, so that tools reading config.json (AutoTokenizer among them) recognise a model directory.
+AutoConfig.register(RegionLLMConfig.model_type, RegionLLMConfig, exist_ok=True)

@@ -99,7 +99,8 @@ def load_pretrained(
     model = RegionLLMForCausalLM.from_pretrained(
         directory,
         dtype=dtype,
-        attn_implementation=attention,
+        # the language model only: a convolutional vision tower has no attention to choose
+        attn_implementation={"text_config": attention},
         device_map={"": device} if device.type == "cuda" else None,
         quantization_config=quantization_settings,
         local_files_only=True,

@@ -143,3 +143,112 @@ def start_rq_worker(
         )  # fmt: skip
 
     return start
+
+
+# --- the region worker (worker.main) -------------------------------------------------------------------
+# Model code is imported inside the fixtures: the tests that do not start a region worker never load torch.
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random region-LLM directory, built once per session."""
+    from tests.integration.worker_harness import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture
+def model_registry(tmp_path: Path, tiny_model_dir: Path):
+    """A model registry (MODEL_DIR) serving the tiny model as version "v1"."""
+    from worker.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "models")
+    registry.import_model(tiny_model_dir, version="v1")
+    return registry
+
+
+@pytest.fixture
+def worker_files(tmp_path: Path) -> Path:
+    """The workers' ROI_LOCAL_FILES_ROOT, holding worker_harness.IMAGE."""
+    from tests.integration.worker_harness import write_scene
+
+    write_scene(tmp_path / "files")
+    return tmp_path / "files"
+
+
+@pytest.fixture
+def image_server():
+    """An HTTP image server on loopback that the workers may fetch from (see worker_harness.ImageServer)."""
+    from tests.integration.worker_harness import ImageServer
+
+    with ImageServer() as server:
+        yield server
+
+
+class WorkerLauncher:
+    """Starts `python -m worker.main` processes on the test Redis (the `start_worker` fixture).
+
+    Heartbeats every 0.5 s (a job's lease is 6 s) and maintenance every second, so the job of a killed
+    worker is re-queued within seconds. LOG_LEVEL=INFO: one JSON line per job execution.
+    """
+
+    def __init__(self, start_process, connection: redis.Redis, env: dict[str, str]) -> None:
+        self.start_process = start_process
+        self.connection = connection
+        self.env = env
+
+    def __call__(
+        self, name: str = "w1", *flags: str, env: dict[str, str] | None = None, ready: bool = True
+    ) -> ChildProcess:
+        """Start worker `name`; with `ready`, return once its heartbeat says "idle"."""
+        child = self.start_process(
+            sys.executable, "-m", "worker.main",
+            "--name", name, "--device", "cpu",
+            "--heartbeat-interval", "0.5", "--maintenance-interval", "1",
+            *flags,
+            env={**self.env, **(env or {})},
+            name=name,
+        )  # fmt: skip
+        if ready:
+            self.wait_ready(name, child)
+        return child
+
+    def many(self, *names: str, flags: Sequence[str] = ()) -> dict[str, ChildProcess]:
+        """Start several workers at once and wait until all are ready."""
+        children = {name: self(name, *flags, ready=False) for name in names}
+        for name, child in children.items():
+            self.wait_ready(name, child)
+        return children
+
+    def wait_ready(self, name: str, child: ChildProcess, timeout_s: float = 120.0) -> None:
+        from backend.heartbeats import live_workers
+
+        deadline = time.monotonic() + timeout_s
+        while not any(w["name"] == name and w["state"] == "idle" for w in live_workers(self.connection)):
+            if not child.alive() or time.monotonic() > deadline:
+                pytest.fail(f"worker {name} did not become ready; its log:\n{child.log()[-3000:]}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def start_worker(
+    redis_server: EmbeddedRedis,
+    redis_conn: redis.Redis,
+    start_process: Callable[..., ChildProcess],
+    model_registry,
+    worker_files: Path,
+    image_server,
+) -> WorkerLauncher:
+    """start_worker(name, *flags, env=None, ready=True) and start_worker.many(*names): see WorkerLauncher."""
+    env = {
+        "REDIS_URL": redis_server.url,
+        "MODEL_DIR": str(model_registry.root),
+        "ROI_LOCAL_FILES_ROOT": str(worker_files),
+        "ROI_IMAGE_ALLOWED_HOSTS": image_server.host,
+        "LOG_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "1",
+        # Workers and tests share two cores: OpenMP threads spinning against each other make the tiny
+        # model 10-20 times slower than one thread each.
+        "OMP_NUM_THREADS": "1",
+    }
+    return WorkerLauncher(start_process, redis_conn, env)

@@ -1,0 +1,176 @@
+"""The job functions the workers run. The backend enqueues them by dotted name; arguments and results are JSON.
+
+* `describe_regions(request)`: the describe job of DESIGN.md, for the interactive and the prelabel queues.
+* `prelabel_tasks(project_id, task_ids)`: reads tasks from Label Studio, describes every region they carry
+  in one batched engine call, and writes the predictions back, once per task and model version.
+
+Each job reads the settings, takes the process's model from `active_host()` (see worker/model_host.py) and
+raises on failure: ValueError and worker.images.ImageRejected for input that will never work, anything in
+worker/failures.py for a cause that may pass (the worker retries only those). A new job (fine-tuning,
+export) is one more function here, enqueued under its dotted name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from rq import get_current_job
+
+from backend.labeling import LabelingScheme, Prompts, scheme_from_config
+from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.results import Region, describe_request, prediction_from_answers, task_regions
+from backend.settings import Settings
+from worker.describe_request import DescribeRequest, parse_describe_request
+from worker.failures import is_transient
+from worker.images import ImageRejected, load_image
+from worker.model_host import active_host
+
+log = logging.getLogger(__name__)
+
+
+def describe_regions(request: dict) -> dict:
+    """Answer the request's questions about its regions.
+
+    Returns {"model_version": v, "answers": [{"id", "text", "score"}, ...]}, one answer per question in
+    question order; `score` is the mean token log-probability.
+    """
+    settings = Settings.from_env()
+    parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
+    image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings)
+    host = active_host()
+    engine, version = host.engine, host.version
+    [answers] = engine.answer([parsed.image_request(image)])
+    return {"model_version": version, "answers": parsed.answers_json(answers)}
+
+
+@dataclass
+class _PlannedTask:
+    """A task whose prediction is about to be made: its regions, its describe request, its image."""
+
+    task_id: int
+    regions: list[Region]
+    request: DescribeRequest
+    image: Image.Image
+
+
+def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | None = None) -> dict:
+    """Predict the regions of the given tasks of a project and store the predictions in Label Studio.
+
+    Tasks that already hold a prediction from the served model version are skipped, so a retried or repeated
+    job does no work twice. A task that cannot be predicted (no image, an image that cannot be fetched, a
+    question that does not fit) is listed under "failed" with the reason; the others are still predicted.
+    `extra_params` is the project's /setup "extra_params" (controls and prompts; None: the config's defaults).
+
+    Returns {"predicted", "skipped_existing", "skipped_no_regions", "failed": [{"task", "reason"}],
+    "model_version"}.
+    """
+    _check_ids(project_id, task_ids)
+    settings = Settings.from_env()
+    if not settings.label_studio_api_key:
+        raise ValueError("LABEL_STUDIO_API_KEY is not set: prelabeling reads tasks and writes predictions")
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    project = client.get_project(project_id)
+    scheme = scheme_from_config(project["label_config"], extra_params)
+    prompts = Prompts.from_extra_params(extra_params)
+    host = active_host()
+    engine, version = host.engine, host.version
+    summary: dict[str, Any] = {
+        "predicted": 0,
+        "skipped_existing": 0,
+        "skipped_no_regions": 0,
+        "failed": [],
+        "model_version": version,
+    }
+    progress = _Progress()
+    wanted = list(dict.fromkeys(task_ids))
+
+    tasks = {task["id"]: task for task in client.get_tasks(project_id, wanted)}
+    planned: list[_PlannedTask] = []
+    for done, task_id in enumerate(wanted, start=1):
+        task = tasks.get(task_id)
+        if task is None:
+            summary["failed"].append(
+                {"task": task_id, "reason": f"project {project_id} has no task {task_id}"}
+            )
+        elif any(p.get("model_version") == version for p in task.get("predictions") or []):
+            summary["skipped_existing"] += 1
+        else:
+            try:
+                plan = _plan(task, scheme, prompts, settings)
+            except (ValueError, ImageRejected) as error:  # ImageRejected includes ImageUnavailable
+                summary["failed"].append({"task": task_id, "reason": str(error)})
+            else:
+                if plan is None:
+                    summary["skipped_no_regions"] += 1
+                else:
+                    planned.append(plan)
+        progress.report("reading tasks", done, len(wanted))
+
+    # One engine call for every question of every task: the engine batches across images.
+    progress.report("answering", 0, len(planned))
+    answers = engine.answer([plan.request.image_request(plan.image) for plan in planned]) if planned else []
+    for done, (plan, task_answers) in enumerate(zip(planned, answers, strict=True), start=1):
+        try:
+            prediction = prediction_from_answers(
+                scheme, plan.regions, plan.request.answers_json(task_answers), version
+            )
+            client.create_prediction(plan.task_id, prediction["result"], prediction["score"], version)
+        except (ValueError, LabelStudioError) as error:
+            if is_transient(error):
+                raise  # Label Studio is unreachable or failing: retry; the predictions made so far are kept
+            summary["failed"].append({"task": plan.task_id, "reason": str(error)})
+        else:
+            summary["predicted"] += 1
+        progress.report("writing predictions", done, len(planned))
+    log.info("prelabel project=%s %s", project_id, summary)
+    return summary
+
+
+def _plan(
+    task: Mapping[str, Any], scheme: LabelingScheme, prompts: Prompts, settings: Settings
+) -> _PlannedTask | None:
+    """The task's regions, request and image; None when it has nothing to ask about."""
+    regions, source_result = task_regions(task, scheme)
+    if not regions:
+        return None
+    request = describe_request(
+        task,
+        regions,
+        scheme,
+        prompts,
+        source_result=source_result,
+        max_new_tokens=settings.max_new_tokens,
+    )
+    if not request["questions"]:
+        return None  # region_qa: no region carries a typed question
+    parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
+    image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings)
+    return _PlannedTask(task["id"], regions, parsed, image)
+
+
+def _check_ids(project_id: Any, task_ids: Any) -> None:
+    if not isinstance(project_id, int) or isinstance(project_id, bool):
+        raise ValueError(f"project_id must be an integer, got {project_id!r}")
+    if not isinstance(task_ids, list) or not all(
+        isinstance(task_id, int) and not isinstance(task_id, bool) for task_id in task_ids
+    ):
+        raise ValueError(f"task_ids must be a list of integers, got {task_ids!r}")
+
+
+class _Progress:
+    """A long job's progress in its RQ meta, {"progress": {"stage", "done", "total"}}, for whoever polls it.
+
+    Outside a worker (no current job) it records nothing.
+    """
+
+    def __init__(self) -> None:
+        self.job = get_current_job()
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        if self.job is not None:
+            self.job.meta["progress"] = {"stage": stage, "done": done, "total": total}
+            self.job.save_meta()

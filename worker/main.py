@@ -1,0 +1,200 @@
+"""`roi-worker`: run a worker that serves the region-LLM from the job queues, or check that one is alive.
+
+    roi-worker --queues interactive,prelabel --model-dir /models     serve until SIGTERM
+    roi-worker --healthcheck [--name NAME]                          exit 0 while the worker's heartbeat is fresh
+
+The worker refuses to start, with one sentence on stderr and exit code 2, when the registry serves no model
+version. Settings (REDIS_URL, MODEL_DIR, LOG_LEVEL, image limits, Label Studio access) come from the
+environment through backend.settings; the flags override what they name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+
+from backend import heartbeats
+from backend.heartbeats import INTERVAL_S, live_workers
+from backend.queues import PRIORITY_ORDER, connect
+from backend.redis_server import recorded_url
+from backend.settings import Settings
+from worker.model_host import no_current_version_message
+from worker.registry import ModelRegistry
+
+# torch, transformers and the model code are imported only to serve: the container's health check runs
+# `roi-worker --healthcheck` every 30 s and should take milliseconds, not seconds.
+if TYPE_CHECKING:
+    from worker.model_host import ModelHost
+    from worker.region_worker import RegionWorker
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAINTENANCE_INTERVAL_S = 60
+EXIT_REFUSED = 2  # bad configuration: restarting will not help
+EXIT_FAILED = 1
+
+
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roi-worker", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--queues",
+        default="interactive,prelabel",
+        help=f"comma-separated queues to serve, always in priority order {', '.join(PRIORITY_ORDER)} "
+        "(default: interactive,prelabel)",
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=settings.model_dir, help="model registry root (default: MODEL_DIR)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights dtype (default auto: bfloat16 on a GPU that has it, float16 on other GPUs, float32 on CPU)",
+    )
+    parser.add_argument("--name", help="worker name (default: <hostname>-<pid>)")
+    parser.add_argument(
+        "--maintenance-interval",
+        type=int,
+        default=DEFAULT_MAINTENANCE_INTERVAL_S,
+        help="seconds between re-queueing the jobs of dead workers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=INTERVAL_S,
+        help="seconds between heartbeats; a job's lease is 12 of them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--healthcheck",
+        action="store_true",
+        help="exit 0 when the worker --name (default: a worker on this host) has a fresh heartbeat",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_env()
+    parser = build_parser(settings)
+    args = parser.parse_args(argv)
+    if args.healthcheck:
+        return healthcheck(settings, args.name)
+    queues = _queues(parser, args.queues)
+    if args.maintenance_interval < 1 or args.heartbeat_interval <= 0:
+        parser.error("--maintenance-interval must be at least 1 and --heartbeat-interval above 0")
+    registry = ModelRegistry(args.model_dir)
+    if registry.current() is None:
+        print(f"roi-worker: {no_current_version_message(registry)}", file=sys.stderr)
+        return EXIT_REFUSED
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        connection = connect(settings)
+        if heartbeats.is_alive(connection, name):
+            print(
+                f"roi-worker: a live worker named {name!r} is already running; pick another --name",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+    except redis.RedisError as error:
+        print(f"roi-worker: cannot reach Redis: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+    from roi_model.loading import resolve_device, resolve_dtype
+    from worker.logs import configure_logging
+    from worker.model_host import ModelHost
+    from worker.region_worker import RegionWorker
+
+    try:
+        configure_logging(settings.log_level)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        device = resolve_device(args.device or "auto")
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as error:
+        parser.error(str(error))
+    host = ModelHost(registry, device=str(device), dtype=dtype, connection=connection)
+    try:
+        worker = RegionWorker(
+            queues,
+            host=host,
+            connection=connection,
+            name=name,
+            heartbeat_interval_s=args.heartbeat_interval,
+            maintenance_interval=args.maintenance_interval,
+        )
+    except redis.RedisError as error:
+        print(f"roi-worker: cannot reach Redis: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return serve(worker, host, settings)
+
+
+def serve(worker: RegionWorker, host: ModelHost, settings: Settings) -> int:
+    """Load the model (the heartbeat says "loading" meanwhile), then work until a stop signal."""
+    from worker.model_host import NoModelServed, activate
+
+    importlib.import_module("worker.jobs")  # RQ would import it at the first job, making that one slow
+    # Until RQ installs its own handlers, SIGTERM ends the load through `finally` (heartbeat removed).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    worker.pulse.start()
+    try:
+        host.load()
+        activate(host)
+        worker.work(logging_level=settings.log_level)
+    except NoModelServed as error:
+        print(f"roi-worker: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except redis.RedisError as error:
+        print(f"roi-worker: lost Redis: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        activate(None)
+        worker.pulse.stop()
+    # RQ's loop also ends, after logging why, when Redis stays unreachable or something unexpected happens:
+    # a non-zero exit lets the supervisor restart the worker.
+    return 0 if worker.stop_requested_by_signal else EXIT_FAILED
+
+
+def healthcheck(settings: Settings, name: str | None) -> int:
+    """0 when the worker `name` (or, without a name, any worker on this host) has a fresh heartbeat."""
+    url = settings.redis_url or recorded_url(Path(settings.redis_data_dir).resolve())
+    if not url:
+        print("unhealthy: REDIS_URL is not set and no development Redis is running")
+        return EXIT_FAILED
+    connection = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        workers = live_workers(connection)
+    except redis.RedisError as error:
+        print(f"unhealthy: Redis does not answer ({type(error).__name__}: {error})")
+        return EXIT_FAILED
+    finally:
+        connection.close()
+    hostname = socket.gethostname()
+    mine = [w for w in workers if (w.get("name") == name if name else w.get("host") == hostname)]
+    if not mine:
+        print(
+            f"unhealthy: no fresh heartbeat from {f'worker {name!r}' if name else f'a worker on {hostname}'}"
+        )
+        return EXIT_FAILED
+    for worker in mine:
+        print(f"healthy: {worker['name']} serves model {worker.get('model_version')} ({worker.get('state')})")
+    return 0
+
+
+def _queues(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRIORITY_ORDER]
+    if unknown or not names:
+        parser.error(f"--queues {value!r}: the queues are {', '.join(PRIORITY_ORDER)}")
+    return [name for name in PRIORITY_ORDER if name in names]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
