@@ -41,8 +41,9 @@ e2e: venv
 test: lint
 	$(PY) -m pytest -q tests
 
+# Run as modules (python -m benchmarks.x): benchmarks/queue.py would shadow the standard library's queue.
 bench: venv
-	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b; done
+	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) -m benchmarks.$$(basename $$b .py); done
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--steps", type=int, default=1000)
     command.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
-    command.add_argument("--lr", type=float, default=1e-3)
+    command.add_argument("--lr", type=float, default=3e-4)
     command.add_argument("--warmup-steps", type=int, default=100)
     command.add_argument("--eval-data", type=Path)
     command.add_argument("--eval-every", type=int, default=200)

@@ -19,6 +19,7 @@ which keeps the answers identical, token for token, to the plain path under gree
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .generation import (
     Answer,
@@ -269,15 +271,8 @@ class RegionEngine:
             [torch.ones(len(rows), prefix_length, dtype=torch.long, device=self.device), suffix_mask], 1
         )
         positions = (prefix_length + suffix_mask.cumsum(1) - 1).clamp(min=prefix_length)
-        cache = DynamicCache(
-            ddp_cache_data=[
-                (
-                    torch.cat([prefixes[key][layer][0] for key in row_keys]),
-                    torch.cat([prefixes[key][layer][1] for key in row_keys]),
-                )
-                for layer in range(len(next(iter(prefixes.values()))))
-            ]
-        )
+        capacity = prefix_length + longest + max(row.options.max_new_tokens for row in rows)
+        cache = _batch_cache(prefixes, row_keys, prefix_length, capacity)
         embeds = self.model.embed_inputs(suffix_ids, None, region_tokens)
         output = self.model.language_model(
             inputs_embeds=embeds,
@@ -370,6 +365,66 @@ class RegionEngine:
             score=float(log_probs[:length].mean()),
             token_ids=token_ids[:length],
         )
+
+
+class _ReservedLayer(DynamicLayer):
+    """A KV layer with room reserved for every token still to come.
+
+    DynamicLayer appends by concatenation, which copies the whole batch's cache at every decoding step
+    (for 64 rows of ~260 positions on a 12-layer, 768-wide LM: ~1.2 GB a step, over a third of a bulk
+    call on a CPU); here an append writes into the room and the layer exposes a view of its filled part.
+    """
+
+    def __init__(self, room_keys: torch.Tensor, room_values: torch.Tensor, length: int):
+        super().__init__()
+        self.device = room_keys.device
+        self.room_keys, self.room_values = room_keys, room_values
+        self.is_initialized = True
+        self._expose(length)
+
+    def _expose(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = self.room_keys[:, :, :length], self.room_values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.room_keys.shape[-2]:
+            raise RuntimeError(f"KV cache room of {self.room_keys.shape[-2]} positions exceeded")
+        self.room_keys[:, :, self.length : end] = key_states
+        self.room_values[:, :, self.length : end] = value_states
+        self._expose(end)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.room_keys, self.room_values = self.room_keys[indices], self.room_values[indices]
+        self._expose(self.length)
+
+
+class _ReservedCache(DynamicCache):
+    def __init__(self, layers: list[_ReservedLayer]):
+        Cache.__init__(self, layers=layers)
+
+
+def _batch_cache(
+    prefixes: dict[str, KVLayers], row_keys: list[str], prefix_length: int, capacity: int
+) -> _ReservedCache:
+    """Each row's prefix cache, copied once into a batch with room for `capacity` positions.
+
+    Rows come grouped by image, so each image's prefix is broadcast into its run of rows."""
+    runs = [(key, len(list(run))) for key, run in itertools.groupby(row_keys)]
+    layers = []
+    for layer in range(len(prefixes[row_keys[0]])):
+        rooms = []
+        for part in (0, 1):  # keys, values
+            first = prefixes[row_keys[0]][layer][part]
+            room = first.new_empty(len(row_keys), first.shape[1], capacity, first.shape[3])
+            start = 0
+            for key, count in runs:
+                room[start : start + count, :, :prefix_length] = prefixes[key][layer][part]
+                start += count
+            rooms.append(room)
+        layers.append(_ReservedLayer(*rooms, prefix_length))
+    return _ReservedCache(layers)
 
 
 def _cache_layers(cache) -> KVLayers:

@@ -10,7 +10,7 @@ from .configuration import RegionLLMConfig
 from .tiny import tiny_config
 
 
-def gpt4roi_7b_config() -> RegionLLMConfig:
+def gpt4roi_7b_config(**overrides) -> RegionLLMConfig:
     """GPT4RoI-7B: CLIP ViT-L/14 at 224 px, LLaMA-7B with 6 added tokens, the paper's region encoder."""
     vision = CLIPVisionConfig(
         hidden_size=1024,
@@ -33,19 +33,19 @@ def gpt4roi_7b_config() -> RegionLLMConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return RegionLLMConfig(vision_config=vision.to_dict(), text_config=text.to_dict())
+    return RegionLLMConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **overrides)
 
 
-PRESETS: dict[str, Callable[[], RegionLLMConfig]] = {
-    "tiny-convnext": lambda: tiny_config("convnext"),
-    "tiny-clip": lambda: tiny_config("clip"),
-    "tiny-siglip": lambda: tiny_config("siglip"),
+PRESETS: dict[str, Callable[..., RegionLLMConfig]] = {
+    "tiny-convnext": lambda **overrides: tiny_config("convnext", **overrides),
+    "tiny-clip": lambda **overrides: tiny_config("clip", **overrides),
+    "tiny-siglip": lambda **overrides: tiny_config("siglip", **overrides),
     "gpt4roi-7b": gpt4roi_7b_config,
 }
 
 
-def preset_config(name: str) -> RegionLLMConfig:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown config {name!r}; known: {', '.join(PRESETS)}") from None
+def preset_config(name: str, **overrides) -> RegionLLMConfig:
+    """The named config; `overrides` replace its fields (e.g. region_fusion_rounds=0 for an ablation)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)

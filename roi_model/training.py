@@ -45,11 +45,12 @@ class TrainOptions:
     data: list[Path]
     out: Path
     init: Path | None = None  # a model directory to start from ...
-    config: str | None = None  # ... or a named config (roi_model.presets) built from scratch
+    config: str | None = None  # ... or a named config (roi_model.presets) built from scratch,
+    config_overrides: dict = field(default_factory=dict)  # with these fields replaced
     stage: str = "lora"
     steps: int = 1000
     batch_size: int = 8  # records (images) per step; each record gives one row per question
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -216,7 +217,7 @@ def prepare_model(options: TrainOptions, records: list[dict]) -> tuple[RegionLLM
         return load_pretrained(options.init, device=options.device, dtype="float32")
     from .presets import preset_config
 
-    config = preset_config(options.config)
+    config = preset_config(options.config, **options.config_overrides)
     config.freeze_vision_tower = options.stage != "scratch"
     tokenizer = train_word_tokenizer([*record_texts(records), " ".join(options.extra_vocabulary)])
     torch.manual_seed(options.seed)
