@@ -13,7 +13,7 @@ of /setup, the annotation webhooks) is kept in Redis for all of them and for the
   annotation replaces its earlier contribution to the region counters and a deleted one removes it.
 
 `ProjectParams` reads and checks Label Studio's "extra params" JSON: {"prompts": {...}, "controls": {...},
-"train_every": N}.
+"train_every": N, "train": {"stage", "steps", "learning_rate", "replay_images"}}.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ import redis
 from backend.labeling import Prompts
 
 PREFIX = "roi:project:"
-EXTRA_PARAM_KEYS = ("prompts", "controls", "train_every")
+EXTRA_PARAM_KEYS = ("prompts", "controls", "train_every", "train")
+# The fine-tuning knobs a project may set ("train": {...}); the worker's defaults fill the rest.
+TRAIN_STAGES = ("region", "projector", "lora", "full")
+TRAIN_KEYS = {"stage": str, "steps": int, "learning_rate": float, "replay_images": int}
 
 EVENT_FIELDS = ("annotations_created", "annotations_updated", "annotations_deleted")
 REGION_FIELDS = ("regions_accepted", "regions_edited", "regions_manual")
@@ -51,6 +54,7 @@ class ProjectParams:
     extra: dict[str, Any] = field(default_factory=dict)
     prompts: Prompts = field(default_factory=Prompts)
     train_every: int | None = None  # None: use the backend's default (settings.train_every_annotations)
+    train: dict[str, Any] = field(default_factory=dict)  # fine-tuning overrides, checked
 
     @property
     def controls(self) -> dict[str, str]:
@@ -82,7 +86,32 @@ class ProjectParams:
             raise ValueError(
                 f"extra_params 'train_every' must be a whole number >= 0 (0 turns it off), got {train_every!r}"
             )
-        return cls(extra=dict(extra), prompts=Prompts.from_extra_params(extra), train_every=train_every)
+        return cls(
+            extra=dict(extra),
+            prompts=Prompts.from_extra_params(extra),
+            train_every=train_every,
+            train=_checked_train(extra.get("train")),
+        )
+
+
+def _checked_train(train: Any) -> dict[str, Any]:
+    if train is None:
+        return {}
+    if not isinstance(train, Mapping):
+        raise ValueError(f"extra_params 'train' must be a JSON object, got {type(train).__name__}")
+    unknown = sorted(set(train) - set(TRAIN_KEYS))
+    if unknown:
+        raise ValueError(f"extra_params 'train' has unknown keys {unknown}; known keys: {list(TRAIN_KEYS)}")
+    for key, kind in TRAIN_KEYS.items():
+        value = train.get(key)
+        if value is None:
+            continue
+        number = kind in (int, float) and isinstance(value, int | float) and not isinstance(value, bool)
+        if not (isinstance(value, kind) or (kind is float and number)) or (number and value <= 0):
+            raise ValueError(f"extra_params 'train.{key}' must be a positive {kind.__name__}, got {value!r}")
+    if train.get("stage") is not None and train["stage"] not in TRAIN_STAGES:
+        raise ValueError(f"extra_params 'train.stage' must be one of {list(TRAIN_STAGES)}, got {train['stage']!r}")
+    return dict(train)
 
 
 def parse_project_id(value: Any) -> int:
@@ -100,6 +129,12 @@ def _key(project_id: int, part: str) -> str:
 def save_setup(connection: redis.Redis, project_id: int, params: ProjectParams, hostname: str | None) -> None:
     record = {"extra_params": params.extra, "hostname": hostname, "updated_at": time.time()}
     connection.set(_key(project_id, "setup"), json.dumps(record))
+
+
+def known_projects(connection: redis.Redis) -> list[int]:
+    """The projects that ran /setup, i.e. every project connected to this backend."""
+    keys = connection.scan_iter(match=f"{PREFIX}*:setup", count=500)
+    return sorted(int(key.decode().removeprefix(PREFIX).split(":")[0]) for key in keys)
 
 
 def load_params(connection: redis.Redis, project_id: int) -> ProjectParams:

@@ -30,6 +30,8 @@ RECIPE = dict(
 )
 TIME_BUDGET_MINUTES = 19
 # "left of" compares two boxes' positions and emerges last: the training world asks it twice as often.
+# Purple is kept back: the fine-tuning loop test teaches it to the model through Label Studio corrections.
+HELD_BACK = {"colour": {"purple"}}
 TRAIN_KIND_WEIGHTS = {"caption": 3.0, "colour": 1.0, "shape": 1.0, "size": 1.0, "left": 2.0, "larger": 1.0}
 
 
@@ -41,8 +43,8 @@ def build_demo_model(out: Path, *, work_dir: Path) -> dict:
     """Generate the worlds, train, evaluate, and write the model directory with its card.json."""
     torch.manual_seed(TRAIN_SEED)
     train_world, held_out_world = work_dir / f"world-{TRAIN_SEED}", work_dir / f"world-{HELD_OUT_SEED}"
-    generate_world(train_world, TRAIN_IMAGES, TRAIN_SEED, kind_weights=TRAIN_KIND_WEIGHTS)
-    generate_world(held_out_world, HELD_OUT_IMAGES, HELD_OUT_SEED)
+    generate_world(train_world, TRAIN_IMAGES, TRAIN_SEED, kind_weights=TRAIN_KIND_WEIGHTS, exclude=HELD_BACK)
+    generate_world(held_out_world, HELD_OUT_IMAGES, HELD_OUT_SEED, exclude=HELD_BACK)
 
     if out.exists():
         shutil.rmtree(out)
@@ -73,7 +75,12 @@ def build_demo_model(out: Path, *, work_dir: Path) -> dict:
         "training": {
             "command": "make demo-model",
             "world_version": WORLD_VERSION,
-            "train_world": {"seed": TRAIN_SEED, "images": TRAIN_IMAGES, "kind_weights": TRAIN_KIND_WEIGHTS},
+            "train_world": {
+                "seed": TRAIN_SEED,
+                "images": TRAIN_IMAGES,
+                "kind_weights": TRAIN_KIND_WEIGHTS,
+                "exclude": {key: sorted(values) for key, values in HELD_BACK.items()},
+            },
             "held_out_world": {"seed": HELD_OUT_SEED, "images": HELD_OUT_IMAGES},
             "recipe": RECIPE,
             "train_loss": summary["train_loss"],

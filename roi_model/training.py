@@ -18,7 +18,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class TrainOptions:
     keep_checkpoints: bool = False
     extra_vocabulary: list[str] = field(default_factory=list)
     device: str | None = None
+    on_log: Callable[[dict], None] | None = None  # called with each logged step's figures (progress reports)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -278,6 +279,14 @@ class TimeBudget(TrainerCallback):
             control.should_save = True
 
 
+class ReportLogs(TrainerCallback):
+    def __init__(self, report: Callable[[dict], None]):
+        self.report = report
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.report({"step": state.global_step, "max_steps": state.max_steps, **(logs or {})})
+
+
 def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -344,7 +353,10 @@ def train(options: TrainOptions) -> dict:
         data_collator=RegionCollator(processor, options.split_turns),
         compute_metrics=teacher_forced_exact_match if eval_records else None,
         preprocess_logits_for_metrics=answer_argmax if eval_records else None,
-        callbacks=[TimeBudget(options.max_minutes)] if options.max_minutes else [],
+        callbacks=[
+            *([TimeBudget(options.max_minutes)] if options.max_minutes else []),
+            *([ReportLogs(options.on_log)] if options.on_log else []),
+        ],
     )
     resume = options.resume and any(checkpoints.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -369,6 +381,7 @@ def train(options: TrainOptions) -> dict:
         },
     }
     summary["options"]["data"] = [str(path) for path in options.data]
+    summary["options"].pop("on_log")
     (options.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not options.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)

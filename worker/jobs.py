@@ -3,6 +3,7 @@
 * `describe_regions(request)`: the describe job of DESIGN.md, for the interactive and the prelabel queues.
 * `prelabel_tasks(project_id, task_ids)`: reads tasks from Label Studio, describes every region they carry
   in one batched engine call, and writes the predictions back, once per task and model version.
+* `finetune(project_id, reason)`: one fine-tuning run behind the regression gate (worker/finetune.py).
 
 Each job reads the settings, takes the process's model from `active_host()` (see worker/model_host.py) and
 raises on failure: ValueError and worker.images.ImageRejected for input that will never work, anything in
@@ -26,10 +27,13 @@ from backend.results import Region, describe_request, prediction_from_answers, t
 from backend.settings import Settings
 from worker.describe_request import DescribeRequest, parse_describe_request
 from worker.failures import is_transient
+from worker.finetune import finetune
 from worker.images import ImageRejected, load_image
 from worker.model_host import active_host
 
 log = logging.getLogger(__name__)
+
+__all__ = ["describe_regions", "finetune", "prelabel_tasks"]
 
 
 def describe_regions(request: dict) -> dict:

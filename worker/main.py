@@ -23,7 +23,7 @@ import redis
 
 from backend import heartbeats
 from backend.heartbeats import INTERVAL_S, live_workers
-from backend.queues import PRIORITY_ORDER, connect
+from backend.queues import PRIORITY_ORDER, TRAIN, connect
 from backend.redis_server import recorded_url
 from backend.settings import Settings
 from worker.model_host import no_current_version_message
@@ -133,20 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as error:
         print(f"roi-worker: cannot reach Redis: {error}", file=sys.stderr)
         return EXIT_FAILED
-    return serve(worker, host, settings)
+    return serve(worker, host, settings, queues)
 
 
-def serve(worker: RegionWorker, host: ModelHost, settings: Settings) -> int:
-    """Load the model (the heartbeat says "loading" meanwhile), then work until a stop signal."""
+def serve(worker: RegionWorker, host: ModelHost, settings: Settings, queues: list[str]) -> int:
+    """Load the model (the heartbeat says "loading" meanwhile), then work until a stop signal.
+
+    A worker of the train queue alone loads no inference model (fine-tuning loads its own) and, with
+    ROI_TRAIN_SCHEDULE set, requests trainings on that schedule.
+    """
     from worker.model_host import NoModelServed, activate
+    from worker.schedule import TrainingSchedule
+
+    schedule = (
+        TrainingSchedule(worker.connection, settings.train_schedule)
+        if TRAIN in queues and settings.train_schedule
+        else None
+    )
 
     importlib.import_module("worker.jobs")  # RQ would import it at the first job, making that one slow
     # Until RQ installs its own handlers, SIGTERM ends the load through `finally` (heartbeat removed).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     worker.pulse.start()
+    if schedule is not None:
+        schedule.start()
     try:
-        host.load()
-        activate(host)
+        if set(queues) - {TRAIN}:
+            host.load()
+            activate(host)
         worker.work(logging_level=settings.log_level)
     except NoModelServed as error:
         print(f"roi-worker: {error}", file=sys.stderr)
@@ -157,6 +171,8 @@ def serve(worker: RegionWorker, host: ModelHost, settings: Settings) -> int:
     finally:
         activate(None)
         worker.pulse.stop()
+        if schedule is not None:
+            schedule.stop()
     # RQ's loop also ends, after logging why, when Redis stays unreachable or something unexpected happens:
     # a non-zero exit lets the supervisor restart the worker.
     return 0 if worker.stop_requested_by_signal else EXIT_FAILED

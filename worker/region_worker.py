@@ -35,7 +35,7 @@ from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
 from backend.heartbeats import INTERVAL_S, beat, forget
-from backend.queues import QUEUES, SERIALIZER
+from backend.queues import QUEUES, SERIALIZER, TRAIN
 from worker.failures import is_transient
 from worker.model_host import ModelHost
 
@@ -127,8 +127,9 @@ class RegionWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         if job.timeout is None or job.timeout <= 0:
             job.timeout = QUEUES[queue.name].job_timeout if queue.name in QUEUES else Queue.DEFAULT_TIMEOUT
-        if self.host.stale():
+        if queue.name != TRAIN and self.host.stale():
             # A stop signal during the reload must wait for this job, which is already off its queue.
+            # (Fine-tuning loads its own models: a trainer holds no inference model.)
             self.set_state(WorkerStatus.BUSY)
             self.host.refresh()
         log.info(
@@ -137,7 +138,7 @@ class RegionWorker(SimpleWorker):
                 "job": job.id,
                 "func": job.func_name,
                 "queue": queue.name,
-                "model_version": self.host.version,
+                "model_version": self.host.served_version,
             },
         )
         started = time.monotonic()

@@ -1,0 +1,129 @@
+"""The pieces of the fine-tuning job: the task split, the gate, replay data, acceptance, the registry CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from roi_model.synthetic import generate_world
+from roi_model.training import read_records
+from worker.finetune import (
+    REPLAY_TOLERANCE,
+    Scores,
+    acceptance_by_version,
+    gate,
+    is_held_out,
+    replay_sample,
+    split_by_task,
+)
+from worker.registry import ModelRegistry
+from worker.registry_cli import plot_report
+
+
+def test_the_split_is_fixed_by_task_id_and_holds_out_about_a_quarter():
+    decisions = [is_held_out(task) for task in range(2000)]
+    assert decisions == [is_held_out(task) for task in range(2000)]
+    assert 0.2 < sum(decisions) / len(decisions) < 0.3
+
+
+def test_split_by_task_keeps_every_record_of_a_task_together(tmp_path):
+    lines = [
+        {"id": f"ls:1:{task}:{annotation}", "source": {"task": task}}
+        for task in range(40)
+        for annotation in (1, 2)
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    train, held_out = split_by_task(data)
+    train_tasks = {json.loads(line)["source"]["task"] for line in train.read_text().splitlines()}
+    held_out_tasks = {json.loads(line)["source"]["task"] for line in held_out.read_text().splitlines()}
+    assert train_tasks.isdisjoint(held_out_tasks) and train_tasks | held_out_tasks == set(range(40))
+    assert held_out_tasks == {task for task in range(40) if is_held_out(task)}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "current", "promoted", "why"),
+    [
+        (Scores(0.90, 0.97), Scores(0.60, 0.98), True, "held-out 0.6000 -> 0.9000"),
+        (Scores(0.60, 0.98), Scores(0.60, 0.98), True, "held-out"),
+        (Scores(0.59, 0.99), Scores(0.60, 0.98), False, "held-out exact match fell"),
+        (Scores(0.90, 0.98 - REPLAY_TOLERANCE - 0.001), Scores(0.60, 0.98), False, "replay exact match fell"),
+        (Scores(0.90, None), Scores(0.60, None), True, "held-out"),
+    ],
+)
+def test_the_gate(candidate, current, promoted, why):
+    decision, reason = gate(candidate, current)
+    assert decision is promoted and why in reason
+
+
+def test_replay_of_a_synthetic_world_regenerates_its_first_images(tmp_path):
+    world = {"seed": 7, "images": 500, "kind_weights": None, "exclude": {"colour": ["purple"]}}
+    train, evaluation = replay_sample(
+        {"version": "v1", "training": {"train_world": world}}, tmp_path / "replay", 12
+    )
+    original = tmp_path / "original"
+    generate_world(original, 12, 7, exclude={"colour": {"purple"}})
+    replayed = read_records([train]) + read_records([evaluation])
+    assert len(replayed) == 12 and len(read_records([evaluation])) == 3
+    originals = {record["id"]: record for record in read_records([original / "data.jsonl"])}
+    for record in replayed:
+        assert record["conversations"] == originals[record["id"]]["conversations"]
+        assert (original / originals[record["id"]]["image"]).read_bytes() == Path(
+            record["image"]
+        ).read_bytes()
+    assert all(obj["colour"] != "purple" for record in replayed for obj in record["objects"])
+
+
+def test_replay_of_a_fine_tuned_version_reads_its_training_files(tmp_path):
+    generate_world(tmp_path / "data", 8, 3)
+    card = {"version": "v2", "replay": {"kind": "files", "files": [str(tmp_path / "data" / "data.jsonl")]}}
+    train, evaluation = replay_sample(card, tmp_path / "replay", 100)
+    assert len(read_records([train])) + len(read_records([evaluation])) == 8
+    assert replay_sample({"version": "v0"}, tmp_path / "none", 10) == (None, None)
+
+
+def test_acceptance_counts_unchanged_proposals_per_version(tmp_path):
+    def record(version, origins):
+        turns = [
+            turn
+            for origin in origins
+            for turn in (
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a", "source": {"origin": origin}},
+            )
+        ]
+        return {"source": {"model_version": version}, "conversations": turns}
+
+    lines = [
+        record("v1", ["prediction", "prediction-changed", "manual"]),
+        record("v1", ["prediction"]),
+        record("v2", ["prediction-changed"]),
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert acceptance_by_version(data) == {
+        "v1": {"proposals": 3, "accepted": 2, "rate": 0.6667},
+        "v2": {"proposals": 1, "accepted": 0, "rate": 0.0},
+    }
+
+
+def test_registry_report_draws_versions_and_runs(tmp_path):
+    registry = ModelRegistry(tmp_path / "models")
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    first = registry.publish(source, metrics={"exact_match": 0.6})
+    registry.promote(first)
+    second = registry.publish(source, parent=first, metrics={"held_out_exact_match": 0.9})
+    registry.promote(second)
+    run = {
+        "at": "2026-11-28T04:00:00+00:00",
+        "parent": first,
+        "promoted": second,
+        "acceptance": {first: {"rate": 0.4}},
+    }
+    (registry.root / "trainings.jsonl").write_text(json.dumps(run) + "\n")
+    plot_report(registry, tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

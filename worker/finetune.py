@@ -1,0 +1,291 @@
+"""Fine-tuning a project's model on its curated annotations, behind a regression gate.
+
+One run: export the project's annotations (backend/export.py) -> split off held-out tasks by a hash of
+the task id -> train from the served version, mixed with a replay sample of the data that version was
+trained on -> evaluate the candidate and the served version on the same held-out tasks and replay
+sample -> promote the candidate only when it is at least as good on held-out and loses at most one
+point on replay. Every run, promoted or not, is recorded in $MODEL_DIR/trainings.jsonl with its
+figures and the reason for the decision; a promoted version carries them in its card.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq import get_current_job
+
+from backend import heartbeats, project_state
+from backend.export import export_project
+from backend.ls_client import LabelStudioClient
+from backend.queues import connect
+from backend.settings import Settings
+from roi_model.engine import RegionEngine
+from roi_model.evaluation import evaluate_records
+from roi_model.synthetic import generate_world
+from roi_model.training import TrainOptions, read_records, train
+from worker.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"stage": "lora", "steps": 300, "learning_rate": 5e-4, "replay_images": 200}
+HELD_OUT_SHARE = 0.25
+REPLAY_EVAL_SHARE = 0.25
+REPLAY_TOLERANCE = 0.01  # exact-match points the candidate may lose on the replay sample
+
+
+@dataclass(frozen=True)
+class Scores:
+    held_out: float
+    replay: float | None
+
+
+def is_held_out(task_id: int, share: float = HELD_OUT_SHARE) -> bool:
+    """A task's side of the split, fixed by its id: the same task is held out in every run."""
+    digest = hashlib.sha256(f"task:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share
+
+
+def gate(candidate: Scores, current: Scores) -> tuple[bool, str]:
+    """Promote only a candidate at least as good on held-out that keeps the old skills."""
+    if candidate.held_out < current.held_out:
+        return False, f"held-out exact match fell from {current.held_out:.4f} to {candidate.held_out:.4f}"
+    replay_known = candidate.replay is not None and current.replay is not None
+    if replay_known and candidate.replay < current.replay - REPLAY_TOLERANCE:
+        return False, (
+            f"replay exact match fell from {current.replay:.4f} to {candidate.replay:.4f}, "
+            f"more than {REPLAY_TOLERANCE:.2f}"
+        )
+    return True, (
+        f"held-out {current.held_out:.4f} -> {candidate.held_out:.4f}"
+        + (f", replay {current.replay:.4f} -> {candidate.replay:.4f}" if candidate.replay is not None else "")
+    )
+
+
+def finetune(project_id: int, reason: str = "requested") -> dict:
+    """The train-queue job: one fine-tuning run for a project (see the module docstring)."""
+    settings = Settings.from_env()
+    job = get_current_job()
+    report = _Reporter(job)
+    registry = ModelRegistry(settings.model_dir)
+    current = registry.current()
+    if current is None:
+        raise ValueError(f"no model version is served in {settings.model_dir}: nothing to fine-tune from")
+    connection = job.connection if job is not None else connect(settings)
+    params = project_state.load_params(connection, project_id)
+    options = {**DEFAULTS, **params.train}
+    run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    started = time.monotonic()
+
+    report("exporting", {})
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    export_report = export_project(client, project_id, run_dir / "export", settings, params.extra)
+    train_path, held_out_path = split_by_task(run_dir / "export" / "data.jsonl")
+    if not read_nonempty(train_path) or not read_nonempty(held_out_path):
+        raise ValueError(
+            f"project {project_id} has too few curated annotations to train and hold some out "
+            f"({export_report['records']} records); annotate more tasks first"
+        )
+    replay_train, replay_eval = replay_sample(
+        registry.card(current), run_dir / "replay", options["replay_images"]
+    )
+
+    report("training", {"options": options})
+    candidate_dir = run_dir / "candidate"
+    summary = train(
+        TrainOptions(
+            data=[train_path, *([replay_train] if replay_train else [])],
+            out=candidate_dir,
+            init=registry.path(current),
+            stage=options["stage"],
+            steps=options["steps"],
+            learning_rate=options["learning_rate"],
+            warmup_steps=min(50, options["steps"] // 10),
+            save_every=max(options["steps"], 1),
+            seed=project_id,
+            on_log=lambda logs: report("training", {"training": _json_safe(logs)}),
+        )
+    )
+
+    report("evaluating", {})
+    current_scores = score(registry.path(current), held_out_path, replay_eval)
+    candidate_scores = score(candidate_dir, held_out_path, replay_eval)
+    promote, why = gate(candidate_scores, current_scores)
+    if summary["diverged"]:
+        promote, why = False, f"training diverged (loss {summary['train_loss']}); {why}"
+    metrics = {
+        "held_out_exact_match": candidate_scores.held_out,
+        "replay_exact_match": candidate_scores.replay,
+    }
+    run = {
+        "project": project_id,
+        "reason": reason,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "parent": current,
+        "options": options,
+        "candidate": asdict(candidate_scores),
+        "served": asdict(current_scores),
+        "acceptance": acceptance_by_version(run_dir / "export" / "data.jsonl"),
+        "export": {key: export_report[key] for key in ("records", "annotations_total", "regions_exported")},
+        "train_loss": summary["train_loss"],
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "promoted": None,
+        "decision": why,
+    }
+    if promote:
+        version = registry.publish(
+            candidate_dir,
+            parent=current,
+            metrics=metrics,
+            dataset_digest=file_digest(train_path),
+            extra={
+                "training": {
+                    key: run[key] for key in ("project", "reason", "options", "served", "train_loss")
+                },
+                "replay": {
+                    "kind": "files",
+                    "files": [str(path) for path in (train_path, replay_train) if path],
+                },
+            },
+        )
+        registry.promote(version)
+        run["promoted"] = version
+        log.info("finetune project=%s promoted %s: %s", project_id, version, why)
+    else:
+        log.warning("finetune project=%s kept %s: %s", project_id, current, why)
+    append_run(registry, run)
+    heartbeats.publish_registry(connection, registry.current(), registry.versions())
+    report("done", {"result": run})
+    return run
+
+
+# data ---------------------------------------------------------------------------------------------------
+def read_nonempty(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def split_by_task(data: Path) -> tuple[Path, Path]:
+    """Write train.jsonl and held_out.jsonl beside `data` (same folder: the image paths stay valid)."""
+    train_lines, held_out_lines = [], []
+    for line in data.read_text().splitlines():
+        if line.strip():
+            task = json.loads(line)["source"]["task"]
+            (held_out_lines if is_held_out(task) else train_lines).append(line)
+    train_path, held_out_path = data.with_name("train.jsonl"), data.with_name("held_out.jsonl")
+    train_path.write_text("".join(line + "\n" for line in train_lines))
+    held_out_path.write_text("".join(line + "\n" for line in held_out_lines))
+    return train_path, held_out_path
+
+
+def replay_sample(card: dict, out: Path, images: int) -> tuple[Path | None, Path | None]:
+    """(train, eval) JSONL of data the served version was trained on; (None, None) when unknown.
+
+    A synthetic-world card lets us regenerate its first images exactly (the world is seeded per
+    image); a fine-tuned version's card lists the JSONL files it was trained on.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    replay = card.get("replay") or {}
+    world = (card.get("training") or {}).get("train_world")
+    if replay.get("kind") == "files":
+        records = [record for path in replay["files"] for record in _records_with_absolute_images(Path(path))]
+    elif world:
+        generate_world(
+            out / "world",
+            images,
+            world["seed"],
+            kind_weights=world.get("kind_weights"),
+            exclude={key: set(values) for key, values in (world.get("exclude") or {}).items()},
+        )
+        records = _records_with_absolute_images(out / "world" / "data.jsonl")
+    else:
+        log.warning("version %s records no training data: fine-tuning without replay", card.get("version"))
+        return None, None
+    records = sorted(records, key=lambda record: hashlib.sha256(record["id"].encode()).hexdigest())[:images]
+    cut = max(1, round(len(records) * REPLAY_EVAL_SHARE))
+    eval_path, train_path = out / "eval.jsonl", out / "train.jsonl"
+    eval_path.write_text("".join(json.dumps(record) + "\n" for record in records[:cut]))
+    train_path.write_text("".join(json.dumps(record) + "\n" for record in records[cut:]))
+    return train_path, eval_path
+
+
+def _records_with_absolute_images(path: Path) -> list[dict]:
+    records = []
+    for record in read_records([path]):
+        record["image"] = str((Path(record.pop("_root")) / record["image"]).resolve())
+        records.append(record)
+    return records
+
+
+def score(model_dir: Path, held_out: Path, replay_eval: Path | None) -> Scores:
+    engine = RegionEngine.from_pretrained(model_dir)
+    held_out_score = evaluate_records(engine, read_records([held_out]))["exact_match"]
+    replay_score = (
+        evaluate_records(engine, read_records([replay_eval]))["exact_match"] if replay_eval else None
+    )
+    del engine
+    gc.collect()
+    return Scores(held_out_score, replay_score)
+
+
+def acceptance_by_version(data: Path) -> dict[str, dict]:
+    """Of the proposals each model version made in the export, how many were accepted unchanged."""
+    counts: dict[str, dict[str, int]] = {}
+    for line in data.read_text().splitlines():
+        record = json.loads(line)
+        version = (record.get("source") or {}).get("model_version")
+        for turn in record["conversations"]:
+            origin = (turn.get("source") or {}).get("origin")
+            if version and origin in ("prediction", "prediction-changed"):
+                tally = counts.setdefault(version, {"proposals": 0, "accepted": 0})
+                tally["proposals"] += 1
+                tally["accepted"] += origin == "prediction"
+    return {
+        version: {**tally, "rate": round(tally["accepted"] / tally["proposals"], 4)}
+        for version, tally in counts.items()
+    }
+
+
+def file_digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def append_run(registry: ModelRegistry, run: dict) -> None:
+    registry.root.mkdir(parents=True, exist_ok=True)
+    with (registry.root / "trainings.jsonl").open("a") as runs:
+        runs.write(json.dumps(run) + "\n")
+
+
+def training_runs(registry: ModelRegistry) -> list[dict]:
+    path = registry.root / "trainings.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+# progress -----------------------------------------------------------------------------------------------
+def _json_safe(values: dict) -> dict:
+    return {key: value for key, value in values.items() if isinstance(value, int | float | str)}
+
+
+class _Reporter:
+    """Progress and figures in the job's meta ({"stage", ...}) while it runs; nothing outside a worker."""
+
+    def __init__(self, job) -> None:
+        self.job = job
+
+    def __call__(self, stage: str, details: dict[str, Any]) -> None:
+        if self.job is None:
+            return
+        self.job.meta.update({"stage": stage, **details})
+        try:
+            self.job.save_meta()
+        except redis.RedisError as error:  # progress is a courtesy: never fail a training over it
+            log.warning("could not save progress: %s", error)

@@ -1,0 +1,113 @@
+"""`roi-model registry list|promote|rollback|report`: the model registry from the command line.
+
+Registered with `roi-model` through the "roi_model.commands" entry point (pyproject.toml).
+The registry root is --model-dir, else MODEL_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from backend.settings import Settings
+from worker.finetune import training_runs
+from worker.registry import ModelRegistry, RegistryError
+
+
+def register_cli(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "registry", help="list, promote, roll back model versions; plot their history"
+    )
+    command.add_argument("--model-dir", type=Path, help="registry root (default: MODEL_DIR)")
+    actions = command.add_subparsers(dest="action", required=True)
+    actions.add_parser(
+        "list", help="every version with its card (one JSON line each); * marks the served one"
+    )
+    promote = actions.add_parser("promote", help="serve this version from the next job on")
+    promote.add_argument("version")
+    actions.add_parser("rollback", help="serve the previously promoted version again")
+    report = actions.add_parser(
+        "report", help="plot acceptance rate and held-out metrics per version over time"
+    )
+    report.add_argument("--out", type=Path, default=Path("report.png"))
+    command.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = ModelRegistry(args.model_dir or Settings.from_env().model_dir)
+    try:
+        if args.action == "list":
+            current = registry.current()
+            for card in registry.versions():
+                print(json.dumps({"served": card["version"] == current, **card}))
+        elif args.action == "promote":
+            registry.promote(args.version)
+            print(json.dumps({"current": registry.current()}))
+        elif args.action == "rollback":
+            print(json.dumps({"current": registry.rollback()}))
+        else:
+            plot_report(registry, args.out)
+            print(json.dumps({"report": str(args.out)}))
+    except RegistryError as error:
+        raise ValueError(str(error)) from None
+    return 0
+
+
+def plot_report(registry: ModelRegistry, out: Path) -> None:
+    """Held-out exact match of every version (at its creation) and the acceptance rate of each version's
+    proposals as measured by later fine-tuning runs, over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from datetime import datetime
+
+    import matplotlib.dates as dates
+    import matplotlib.pyplot as plt
+
+    cards = registry.versions()
+    runs = training_runs(registry)
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    held_out = [
+        (datetime.fromisoformat(card["created_at"]), _held_out(card), card["version"])
+        for card in cards
+        if _held_out(card) is not None
+    ]
+    if held_out:
+        axis.plot(
+            [t for t, _, _ in held_out], [v for _, v, _ in held_out], "o-", label="held-out exact match"
+        )
+        for moment, value, version in held_out:
+            axis.annotate(version, (moment, value), textcoords="offset points", xytext=(0, 6), fontsize=8)
+    acceptance = [
+        (datetime.fromisoformat(run["at"]), rate["rate"])
+        for run in runs
+        for version, rate in run.get("acceptance", {}).items()
+        if version == run["parent"]
+    ]
+    if acceptance:
+        axis.plot(
+            [t for t, _ in acceptance],
+            [v for _, v in acceptance],
+            "s--",
+            label="proposals accepted unchanged",
+        )
+    rejected = [datetime.fromisoformat(run["at"]) for run in runs if not run.get("promoted")]
+    for moment in rejected:
+        axis.axvline(moment, color="grey", alpha=0.3, linewidth=1)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("share")
+    axis.xaxis.set_major_formatter(dates.DateFormatter("%m-%d %H:%M"))
+    axis.set_title("model versions (grey lines: fine-tunes the gate rejected)")
+    axis.legend(loc="lower right")
+    figure.autofmt_xdate()
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def _held_out(card: dict) -> float | None:
+    metrics = card.get("metrics") or {}
+    if "held_out_exact_match" in metrics:
+        return metrics["held_out_exact_match"]
+    return metrics.get("exact_match")
