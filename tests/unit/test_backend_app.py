@@ -106,7 +106,7 @@ def test_setup_rejects_an_unsupported_config_before_touching_redis(client):
     [
         (
             {"prompt": "x"},
-            "extra_params has unknown keys ['prompt']; known keys: ['prompts', 'controls', 'train_every']",
+            "extra_params has unknown keys ['prompt']; known keys: ['prompts', 'controls', 'train_every', 'train']",
         ),
         (
             {"train_every": -1},
