@@ -3,8 +3,8 @@
 `convert_tasks` is the pure part: Label Studio's full JSON export of a project (a list of task dicts; not
 JSON_MIN, which loses the box-text link) plus the already fetched images become records and a report.
 `export_project` is the I/O around it: the export and the label config through the API client, the images
-through backend.export_images, and the dataset folder written atomically. `register_cli` adds
-``roi-model export --project N --out DIR``.
+through backend.export_images (fetched by backend.images, under the worker's rules), and the dataset folder
+written atomically. `register_cli` adds ``roi-model export --project N --out DIR``.
 
 The rules:
 
@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from backend.atomic_files import write_bytes_atomically
-from backend.export_images import IMAGES_DIR, ImageError, StoredImage, export_image
+from backend.export_images import IMAGES_DIR, StoredImage, export_image
+from backend.images import ImageRejected, image_session
 from backend.labeling import LabelingScheme, Prompts, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.project_state import ProjectParams
@@ -585,7 +586,9 @@ def export_project(
     """Export `project` into `out_dir` (data.jsonl, images/, report.json, manifest.json); returns the report.
 
     `extra_params` is the project's ML-backend extra params (a JSON object or its text): its prompts and
-    controls must be the ones the backend asks with. Raises LabelStudioError when Label Studio fails,
+    controls must be the ones the backend asks with. Images are fetched from settings.label_studio_url with
+    settings.label_studio_api_key, so `client` must be for that Label Studio. An image that cannot be had
+    leaves its annotations out and is named in the report. Raises LabelStudioError when Label Studio fails,
     ValueError (UnsupportedConfig) for a label config this backend cannot read.
     """
     out_dir = Path(out_dir)
@@ -596,12 +599,15 @@ def export_project(
     log.info("project %d: %d exported tasks (%s)", project, len(tasks), scheme.kind)
 
     images: dict[str, StoredImage | str] = {}
-    for url, task_id in images_needed(tasks, scheme).items():
-        try:
-            images[url] = export_image(client, url, task_id, settings, out_dir)
-        except ImageError as error:
-            log.warning("task %d: %s", task_id, error)
-            images[url] = str(error)
+    with image_session() as session:  # one connection pool for all the images
+        for url, task_id in images_needed(tasks, scheme).items():
+            try:
+                images[url] = export_image(
+                    url, task_id=task_id, settings=settings, out_dir=out_dir, session=session
+                )
+            except ImageRejected as error:
+                log.warning("task %d: %s", task_id, error)
+                images[url] = str(error)
     conversion = convert_tasks(tasks, scheme, params.prompts, project, images)
     write_dataset(
         out_dir,

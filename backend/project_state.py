@@ -110,7 +110,9 @@ def _checked_train(train: Any) -> dict[str, Any]:
         if not (isinstance(value, kind) or (kind is float and number)) or (number and value <= 0):
             raise ValueError(f"extra_params 'train.{key}' must be a positive {kind.__name__}, got {value!r}")
     if train.get("stage") is not None and train["stage"] not in TRAIN_STAGES:
-        raise ValueError(f"extra_params 'train.stage' must be one of {list(TRAIN_STAGES)}, got {train['stage']!r}")
+        raise ValueError(
+            f"extra_params 'train.stage' must be one of {list(TRAIN_STAGES)}, got {train['stage']!r}"
+        )
     return dict(train)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import redis
 
+from backend.atomic_files import write_bytes_atomically
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def ensure_redis_url(settings: Settings) -> str:
         if url:
             return url
         server = EmbeddedRedis(data_dir).start()
-        _write_atomically(data_dir / URL_FILE, server.url + "\n")
+        write_bytes_atomically(data_dir / URL_FILE, (server.url + "\n").encode())
         _owned[data_dir] = server
         if len(_owned) == 1:
             atexit.register(stop_owned_servers)
@@ -273,9 +274,3 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -36,7 +36,7 @@ class Settings:
     # Batch /predict answers up to this many tasks inline; larger selections go to the prelabel queue.
     inline_predict_tasks: int = 8
     max_new_tokens: int = 48
-    # Image fetching (worker/images.py)
+    # Image fetching (backend/images.py: the worker and the export share it)
     image_allowed_hosts: tuple[str, ...] = ()
     local_files_root: Path | None = None
     image_max_bytes: int = 25 * 1024 * 1024

@@ -12,8 +12,8 @@ from __future__ import annotations
 import redis
 import requests
 
+from backend.images import ImageUnavailable
 from backend.ls_client import LabelStudioError
-from worker.images import ImageUnavailable
 
 # Exceptions whose cause lies outside the job and may be gone on the next attempt.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

@@ -6,7 +6,7 @@
 * `finetune(project_id, reason)`: one fine-tuning run behind the regression gate (worker/finetune.py).
 
 Each job reads the settings, takes the process's model from `active_host()` (see worker/model_host.py) and
-raises on failure: ValueError and worker.images.ImageRejected for input that will never work, anything in
+raises on failure: ValueError and backend.images.ImageRejected for input that will never work, anything in
 worker/failures.py for a cause that may pass (the worker retries only those). A new job (fine-tuning,
 export) is one more function here, enqueued under its dotted name.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 from rq import get_current_job
 
+from backend.images import ImageRejected, load_image
 from backend.labeling import LabelingScheme, Prompts, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.results import Region, describe_request, prediction_from_answers, task_regions
@@ -28,7 +29,6 @@ from backend.settings import Settings
 from worker.describe_request import DescribeRequest, parse_describe_request
 from worker.failures import is_transient
 from worker.finetune import finetune
-from worker.images import ImageRejected, load_image
 from worker.model_host import active_host
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backend.atomic_files import write_bytes_atomically
+
 log = logging.getLogger(__name__)
 
 CARD_FILE = "card.json"
@@ -268,17 +270,8 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write a sibling temporary file, fsync it, and rename it over `path`."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Replace `path` atomically, and fsync its folder so that the rename itself survives a crash."""
+    write_bytes_atomically(path, text.encode())
     _fsync_dir(path.parent)
 
 

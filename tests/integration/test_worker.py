@@ -37,9 +37,9 @@ DESCRIBE = "worker.jobs.describe_regions"
 
 def engine_answers(model_dir: Path, files_root: Path, request: dict) -> list[dict]:
     """The same request answered in this process by the engine directly."""
+    from backend.images import load_image
     from roi_model.engine import RegionEngine
     from worker.describe_request import parse_describe_request
-    from worker.images import load_image
 
     parsed = parse_describe_request(request, default_max_new_tokens=48)
     image = load_image(parsed.image_url, task_id=None, settings=Settings(local_files_root=files_root))

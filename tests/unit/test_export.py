@@ -37,7 +37,8 @@ from backend.export import (
     unresolved_parent_predictions,
     write_dataset,
 )
-from backend.export_images import ImageError, StoredImage, export_image
+from backend.export_images import StoredImage, export_image
+from backend.images import ImageRejected
 from backend.labeling import Prompts, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
@@ -948,7 +949,7 @@ def test_export_project_writes_records_images_report_and_manifest(label_studio, 
     assert report["annotations_skipped"] == {"image_unavailable": [44, 45]}
     assert "ROI_IMAGE_MAX_BYTES=2000" in report["image_errors"]["/data/upload/3/big.png"]
     assert (
-        "neither Label Studio nor in ROI_IMAGE_ALLOWED_HOSTS"
+        "host '192.0.2.1' is not in ROI_IMAGE_ALLOWED_HOSTS"
         in report["image_errors"]["http://192.0.2.1/x.png"]
     )
     manifest = json.loads((out / MANIFEST_FILE).read_text())
@@ -968,7 +969,10 @@ def test_export_project_writes_records_images_report_and_manifest(label_studio, 
 
 
 def test_the_key_goes_to_label_studio_only_and_redirects_are_checked(label_studio, tmp_path):
-    client = LabelStudioClient(label_studio.url, API_KEY)
+    def export(url: str, **overrides) -> StoredImage:
+        settings = settings_for(label_studio, **overrides)
+        return export_image(url, task_id=17, settings=settings, out_dir=tmp_path)
+
     image_host = StandInLabelStudio()  # a second server, playing an allowed image host
     try:
         image_host.serve("/open/a.png", png())
@@ -979,32 +983,23 @@ def test_the_key_goes_to_label_studio_only_and_redirects_are_checked(label_studi
         )
         host = f"127.0.0.1:{urlsplit(image_host.url).port}"
 
-        stored = export_image(
-            client, "s3://bucket/a.png", 17, settings_for(label_studio, image_allowed_hosts=(host,)), tmp_path
-        )
+        stored = export("s3://bucket/a.png", image_allowed_hosts=(host,))
         assert (stored.width, stored.height) == (40, 30)
         assert image_host.requests == [("/open/a.png", None)]
 
         with pytest.raises(
-            ImageError,
-            match=re.escape("host '127.0.0.1' is neither Label Studio nor in ROI_IMAGE_ALLOWED_HOSTS"),
+            ImageRejected, match=re.escape("host '127.0.0.1' is not in ROI_IMAGE_ALLOWED_HOSTS")
         ):
-            export_image(client, "s3://bucket/a.png", 17, settings_for(label_studio), tmp_path)
-        with pytest.raises(ImageError, match="not a Label Studio, cloud storage or http"):
-            export_image(client, "/etc/passwd", 17, settings_for(label_studio), tmp_path)
-        with pytest.raises(ImageError, match="HTTP 404"):
-            export_image(client, "/data/upload/3/missing.png", 17, settings_for(label_studio), tmp_path)
+            export("s3://bucket/a.png")
+        with pytest.raises(ImageRejected, match="local files are disabled"):
+            export("/etc/passwd")
+        with pytest.raises(ImageRejected, match="HTTP 404"):
+            export("/data/upload/3/missing.png")
         label_studio.serve("/data/upload/3/page.html", b"<html>login</html>")
-        with pytest.raises(ImageError, match="not an image in a browser format"):
-            export_image(client, "/data/upload/3/page.html", 17, settings_for(label_studio), tmp_path)
-        with pytest.raises(ImageError, match="more than ROI_IMAGE_MAX_PIXELS=100"):
-            export_image(
-                client,
-                "/data/upload/3/green.png",
-                17,
-                settings_for(label_studio, image_max_pixels=100),
-                tmp_path,
-            )
+        with pytest.raises(ImageRejected, match="not an image in a supported format"):
+            export("/data/upload/3/page.html")
+        with pytest.raises(ImageRejected, match="more than ROI_IMAGE_MAX_PIXELS=100"):
+            export("/data/upload/3/green.png", image_max_pixels=100)
         assert image_host.requests == [("/open/a.png", None)]
     finally:
         image_host.close()

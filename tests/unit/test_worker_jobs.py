@@ -17,12 +17,12 @@ from PIL import Image
 from rq.timeouts import JobTimeoutException
 from tiny_models import make_tiny, noise_image
 
+from backend.images import ImageRejected, ImageUnavailable
 from backend.ls_client import LabelStudioError
 from roi_model.assembly import save_pretrained
 from roi_model.engine import RegionEngine
 from worker.describe_request import MAX_NEW_TOKENS_LIMIT, parse_describe_request
 from worker.failures import is_transient
-from worker.images import ImageRejected, ImageUnavailable
 from worker.jobs import describe_regions
 from worker.logs import JsonLinesFormatter
 from worker.model_host import ModelHost, NoModelServed, activate, active_host

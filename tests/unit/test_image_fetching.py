@@ -1,4 +1,4 @@
-"""worker.images against real HTTP servers on loopback: a stand-in Label Studio and a second image host."""
+"""backend.images against real HTTP servers on loopback: a stand-in Label Studio and a second image host."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -21,11 +23,12 @@ import jwt
 import pytest
 from PIL import Image
 
+from backend.images import ImageRejected, ImageUnavailable, image_digest, load_image
 from backend.settings import Settings
-from worker.images import ImageRejected, ImageUnavailable, image_digest, load_image
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Reply = tuple[int, dict[str, str], bytes]
 
@@ -453,6 +456,26 @@ def test_transparency_is_composited_onto_white(other_host, settings, files):
     image = load_image(f"{other_host.url}/transparent.png", task_id=17, settings=settings)
 
     assert image.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_only_browser_formats_are_decoded_from_the_first_image_of_a_process():
+    """Pillow registers most of its plugins on first use: the allow-list must hold before that too."""
+    tiff = encode(Image.new("RGB", (4, 4), RED), "TIFF")
+    first_decode = (
+        "import sys\n"
+        "from backend.images import ImageRejected, decode_image\n"
+        "from backend.settings import Settings\n"
+        "try:\n"
+        "    decode_image(sys.stdin.buffer.read(), url='a.tif', settings=Settings())\n"
+        "except ImageRejected as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", first_decode], input=tiff, capture_output=True, cwd=REPO_ROOT, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr.decode()
+    assert "image a.tif refused: not an image in a supported format" in done.stdout.decode()
 
 
 # --- local files ---------------------------------------------------------------------------------------

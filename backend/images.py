@@ -1,4 +1,8 @@
-"""Fetch and decode the image of a describe job, refusing anything unsafe or unreasonable.
+"""Fetch and decode a task's image, refusing anything unsafe or unreasonable: the one image fetcher.
+
+The worker decodes images to run the model on them (`load_image`); the export keeps the original bytes and
+needs the displayed size (`fetch_image_bytes`, then `decode_image`). Both follow the same rules, so a task
+whose image the worker could read is exported, and one it refused is not.
 
 A task's image URL comes from Label Studio task data, which any annotator or import can set, so it is
 untrusted (reliability.md §2.4, §3). Where an image may come from:
@@ -52,7 +56,9 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 3
 LABEL_STUDIO_PREFIXES = ("/data/", "/storage-data/")
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-BROWSER_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "AVIF")
+# Pillow's format name -> the usual file extension, for the formats a browser shows: Label Studio displayed
+# the image the boxes were drawn on, so nothing else is accepted.
+BROWSER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "AVIF": "avif"}
 # Refresh an access token this long before Label Studio would stop accepting it.
 TOKEN_EXPIRY_MARGIN_S = 30.0
 _CHUNK_BYTES = 64 * 1024
@@ -75,11 +81,47 @@ def load_image(
     url: str, *, task_id: int | None, settings: Settings, session: requests.Session | None = None
 ) -> Image.Image:
     """The image at `url` (from the task with `task_id`) as RGB, EXIF orientation applied, first frame only."""
-    if not isinstance(url, str) or not url.strip():
-        raise ImageRejected(repr(url), "the image URL is empty")
-    url = url.strip()
-    data = _read_local(url, settings) if _is_local_path(url) else _download(url, task_id, settings, session)
-    return _decode(data, url, settings)
+    url = _checked_url(url)
+    data = fetch_image_bytes(url, task_id=task_id, settings=settings, session=session)
+    return decode_image(data, url=url, settings=settings)
+
+
+def fetch_image_bytes(
+    url: str, *, task_id: int | None, settings: Settings, session: requests.Session | None = None
+) -> bytes:
+    """The undecoded bytes at `url` (from the task with `task_id`), within the host, byte and time limits.
+
+    `session` (from image_session) lets a caller fetching many images reuse connections; without one, each
+    call opens its own.
+    """
+    url = _checked_url(url)
+    if _is_local_path(url):
+        return _read_local(url, settings)
+    return _download(url, task_id, settings, session)
+
+
+def decode_image(data: bytes, *, url: str, settings: Settings) -> Image.Image:
+    """`data` decoded as RGB, EXIF orientation applied, first frame only; `url` names it in errors."""
+    # The warning filter is process-wide while it is set; callers (a worker, an export) decode on one thread.
+    with warnings.catch_warnings(), _decoding(url):
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=_decodable_formats())  # reads the header only
+        width, height = image.size
+        if width * height > settings.image_max_pixels:
+            raise ImageRejected(
+                url,
+                f"{width}x{height} is {width * height} pixels, more than ROI_IMAGE_MAX_PIXELS={settings.image_max_pixels}",
+            )
+        image.load()  # the first frame; errors of the lazily opened image surface here
+        displayed = ImageOps.exif_transpose(image)
+    return _to_rgb(displayed)
+
+
+def image_session() -> requests.Session:
+    """A session for fetch_image_bytes: it takes no proxies or .netrc credentials from the environment."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
 
 
 def image_digest(image: Image.Image) -> str:
@@ -90,7 +132,19 @@ def image_digest(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def image_format(data: bytes) -> str:
+    """Pillow's name for the format of image bytes that decode_image accepted (a key of BROWSER_FORMATS)."""
+    with Image.open(io.BytesIO(data), formats=_decodable_formats()) as image:
+        return image.format
+
+
 # --- where the bytes come from -------------------------------------------------------------------------
+
+
+def _checked_url(url: object) -> str:
+    if not isinstance(url, str) or not url.strip():
+        raise ImageRejected(repr(url), "the image URL is empty")
+    return url.strip()
 
 
 def _is_local_path(url: str) -> bool:
@@ -130,8 +184,7 @@ def _download(url: str, task_id: int | None, settings: Settings, session: reques
     target = _http_target(url, task_id, settings)
     own_session = session is None
     if own_session:
-        session = requests.Session()
-        session.trust_env = False  # no proxies or .netrc credentials from the environment
+        session = image_session()
     try:
         return _follow(url, target, settings, session)
     finally:
@@ -318,21 +371,11 @@ def _is_jwt(key: str) -> bool:
 # --- decoding ------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, url: str, settings: Settings) -> Image.Image:
-    formats = tuple(name for name in BROWSER_FORMATS if name in Image.OPEN) or None
-    # The warning filter is process-wide while it is set; the worker decodes on one thread.
-    with warnings.catch_warnings(), _decoding(url):
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data), formats=formats)  # reads the header only
-        width, height = image.size
-        if width * height > settings.image_max_pixels:
-            raise ImageRejected(
-                url,
-                f"{width}x{height} is {width * height} pixels, more than ROI_IMAGE_MAX_PIXELS={settings.image_max_pixels}",
-            )
-        image.load()  # the first frame; errors of the lazily opened image surface here
-        displayed = ImageOps.exif_transpose(image)
-    return _to_rgb(displayed)
+def _decodable_formats() -> tuple[str, ...]:
+    # Pillow registers most plugins lazily: without init() a fresh process would see none, and an empty
+    # list must not mean "any format" (EPS, for one, runs Ghostscript).
+    Image.init()
+    return tuple(name for name in BROWSER_FORMATS if name in Image.OPEN)
 
 
 @contextmanager
