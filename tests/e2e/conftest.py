@@ -7,6 +7,13 @@
 * `ls_client`: a LabelStudioClient for it, with the legacy token.
 * `run_draw_box(...)`: draws a box with the smart rectangle tool in headless Chromium
   (tests/e2e/browser/draw_box.js) and returns the JSON line it prints.
+* `run_open_task(...)`: opens a task in headless Chromium (tests/e2e/browser/open_task.js) and returns
+  what the labeling panel shows.
+* `served_model`: the model the stack serves: models/demo, or a tiny random stand-in while models/demo
+  does not exist (tests of the model's answers then fail, saying so).
+* `stack`: Redis, a worker, the backend (devstack.stack.Stack) around the session's Label Studio; its
+  processes' output is in `stack_log`.
+* `--save-screenshots`: the browser tests also copy their screenshots to labeling_configs/screenshots/.
 """
 
 from __future__ import annotations
@@ -15,15 +22,28 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from backend.ls_client import LabelStudioClient
 from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
+from devstack.provision import import_model
+from devstack.stack import LogLines, Stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+DEMO_MODEL = REPO_ROOT / "models" / "demo"
+SCREENSHOTS = REPO_ROOT / "labeling_configs" / "screenshots"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--save-screenshots",
+        action="store_true",
+        help="also copy the browser tests' screenshots to labeling_configs/screenshots/ (for the README)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +130,96 @@ def draw_box(label_studio: LabelStudio):
         return run_draw_box(label_studio, project, task, box, screenshot, **options)
 
     return draw
+
+
+def run_open_task(
+    label_studio: LabelStudio, project: int, task: int, screenshot: Path, *, timeout_s: float = 180.0
+) -> dict:
+    """Open `task` in the labeling UI and select its first region.
+
+    Returns open_task.js's report: "regions" (how many the outliner lists), "texts" (the non-empty text
+    fields) and "page_text" (the page's visible text). Raises DrawBoxFailed when a step failed.
+    """
+    ensure_node_modules()
+    argv = [
+        "node",
+        str(BROWSER_DIR / "open_task.js"),
+        "--url", label_studio.url,
+        "--email", label_studio.email,
+        "--project", str(project),
+        "--task", str(task),
+        "--screenshot", str(screenshot),
+        "--timeout-ms", str(int(timeout_s * 1000 / 2)),
+    ]  # fmt: skip
+    env = {**os.environ, "LS_PASSWORD": label_studio.password}
+    completed = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s)
+    lines = completed.stdout.strip().splitlines()
+    try:
+        report = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError) as error:
+        raise DrawBoxFailed(
+            f"open_task.js exited with {completed.returncode} without a report:\n{completed.stdout}\n{completed.stderr}"
+        ) from error
+    if completed.returncode != 0 or not report.get("ok"):
+        raise DrawBoxFailed(f"open_task.js failed: {json.dumps(report)}\nstderr:\n{completed.stderr[-3000:]}")
+    return report
+
+
+@pytest.fixture
+def save_screenshot(request: pytest.FixtureRequest):
+    """save_screenshot(shot, name): with --save-screenshots, copy `shot` to labeling_configs/screenshots/<name>.png."""
+
+    def save(shot: Path, name: str) -> None:
+        if request.config.getoption("--save-screenshots"):
+            SCREENSHOTS.mkdir(exist_ok=True)
+            (SCREENSHOTS / f"{name}.png").write_bytes(shot.read_bytes())
+
+    return save
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    source: Path  # the model directory imported into `registry`
+    registry: Path  # the stack's MODEL_DIR
+    version: str  # its version in the registry: the model_version of every answer
+    is_demo: bool  # False: models/demo does not exist, and a tiny random model stands in
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    root = tmp_path_factory.mktemp("served-model")
+    if (DEMO_MODEL / "card.json").is_file():  # written last by `make demo-model`: the model is complete
+        source, is_demo = DEMO_MODEL, True
+    else:
+        from tests.integration.worker_harness import save_tiny_model  # torch: only when needed
+
+        source, is_demo = save_tiny_model(root / "tiny-model"), False
+    registry = root / "registry"
+    return ServedModel(source, registry, import_model(registry, source), is_demo)
+
+
+def require_demo_model(served: ServedModel) -> None:
+    """Fail (never skip) a check of the model's answers when the stand-in model gave them."""
+    if not served.is_demo:
+        pytest.fail(
+            f"{DEMO_MODEL.relative_to(REPO_ROOT)} does not exist, so a tiny random model answered and its "
+            "answers cannot be the true ones: train the demo model with `make demo-model`",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def stack_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack") / "stack.log"
+
+
+@pytest.fixture(scope="session")
+def stack(label_studio: LabelStudio, served_model: ServedModel, stack_log: Path) -> Iterator[Stack]:
+    with open(stack_log, "a", buffering=1) as log_file:
+        lines = LogLines(lambda line: log_file.write(line + "\n"))
+        # The stand-in model never stops before the token limit: a short limit keeps its answers quick.
+        env = {} if served_model.is_demo else {"ROI_MAX_NEW_TOKENS": "8"}
+        with Stack(
+            stack_log.parent, served_model.registry, label_studio, lines=lines, extra_env=env
+        ) as running:
+            yield running
