@@ -28,6 +28,10 @@ white.
 
 Every refusal raises ImageRejected naming the URL and the problem. ImageUnavailable, a subclass, marks a
 failure that may pass (timeout, connection error, HTTP 429/5xx): worth a retry, unlike the others.
+
+`RecentImages` keeps the bytes fetched in the last minute: an annotator drawing several boxes on one image
+starts one describe job per box, and each would download the same image again. Only the download is saved;
+the bytes are decoded, with every check, on each use.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -77,27 +82,108 @@ class ImageUnavailable(ImageRejected):
     """The image could not be fetched for a reason that may pass (timeout, connection error, HTTP 429/5xx)."""
 
 
+class RecentImages:
+    """Image bytes fetched in the last `ttl_s` seconds, at most `max_bytes` of them; safe to share by threads.
+
+    An entry is keyed by the URL, the task id and the settings it was fetched under: two tasks never share
+    bytes, and a hit returns only what a fetch under the same host, path and size rules returned. An entry
+    lives `ttl_s` from its fetch however often it is used, so an image replaced in Label Studio is seen
+    again soon. When the bytes would exceed `max_bytes`, the least recently used entries go first; an image
+    larger than that is not kept.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = 60.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s <= 0 or max_bytes <= 0:
+            raise ValueError(
+                f"ttl_s and max_bytes must be positive, got ttl_s={ttl_s}, max_bytes={max_bytes}"
+            )
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (url, task id, settings) -> (bytes, expiry on `clock`), least recently used first.
+        self._entries: OrderedDict[tuple, tuple[bytes, float]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, url: str, task_id: int | None, settings: Settings) -> bytes | None:
+        key = (url, task_id, settings)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if self._clock() >= entry[1]:
+                self._drop(key)
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, url: str, task_id: int | None, settings: Settings, data: bytes) -> None:
+        key = (url, task_id, settings)
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+            if len(data) > self.max_bytes:
+                return
+            now = self._clock()
+            for expired in [k for k, (_, expiry) in self._entries.items() if now >= expiry]:
+                self._drop(expired)
+            while self._bytes + len(data) > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+            self._entries[key] = (data, now + self.ttl_s)
+            self._bytes += len(data)
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes held now, expired entries included until the next put drops them."""
+        with self._lock:
+            return self._bytes
+
+    def _drop(self, key: tuple) -> None:
+        data, _ = self._entries.pop(key)
+        self._bytes -= len(data)
+
+
 def load_image(
-    url: str, *, task_id: int | None, settings: Settings, session: requests.Session | None = None
+    url: str,
+    *,
+    task_id: int | None,
+    settings: Settings,
+    session: requests.Session | None = None,
+    cache: RecentImages | None = None,
 ) -> Image.Image:
     """The image at `url` (from the task with `task_id`) as RGB, EXIF orientation applied, first frame only."""
     url = _checked_url(url)
-    data = fetch_image_bytes(url, task_id=task_id, settings=settings, session=session)
+    data = fetch_image_bytes(url, task_id=task_id, settings=settings, session=session, cache=cache)
     return decode_image(data, url=url, settings=settings)
 
 
 def fetch_image_bytes(
-    url: str, *, task_id: int | None, settings: Settings, session: requests.Session | None = None
+    url: str,
+    *,
+    task_id: int | None,
+    settings: Settings,
+    session: requests.Session | None = None,
+    cache: RecentImages | None = None,
 ) -> bytes:
     """The undecoded bytes at `url` (from the task with `task_id`), within the host, byte and time limits.
 
     `session` (from image_session) lets a caller fetching many images reuse connections; without one, each
-    call opens its own.
+    call opens its own. With a `cache`, bytes fetched for the same URL and task shortly before are reused.
     """
     url = _checked_url(url)
-    if _is_local_path(url):
-        return _read_local(url, settings)
-    return _download(url, task_id, settings, session)
+    if cache is not None and (data := cache.get(url, task_id, settings)) is not None:
+        log.debug("image %s: reusing the bytes fetched recently", url)
+        return data
+    data = _read_local(url, settings) if _is_local_path(url) else _download(url, task_id, settings, session)
+    if cache is not None:
+        cache.put(url, task_id, settings, data)
+    return data
 
 
 def decode_image(data: bytes, *, url: str, settings: Settings) -> Image.Image:

@@ -286,6 +286,8 @@ class Predictor:
         if not isinstance(model_version, str) or not model_version:
             return failed("the worker's answer has no 'model_version'")
         try:
-            return prediction_from_answers(scheme, plan.regions, answer["answers"], model_version)
+            return prediction_from_answers(
+                scheme, plan.regions, answer["answers"], model_version, request=plan.request
+            )
         except ValueError as exc:
             return failed(f"the worker's answer does not fit: {exc}")

@@ -2,9 +2,12 @@
 
 A `Region` is one rectangle of a Label Studio result, with its box normalized to 0..1 of the displayed
 image (DESIGN.md, "Data contracts"). `describe_request` builds the describe job for the worker;
-`prediction_from_answers` turns the job's answers into a Label Studio prediction that echoes each
-rectangle together with an answer item sharing its id (without the echo, the box loses its label in
-the UI: reference/label-studio.md §2.4).
+`prediction_from_answers` turns the job's answers into a Label Studio prediction that echoes each asked
+rectangle together with an answer item sharing its id. The echo matters: interactive pre-annotation
+replaces the drawn region with the suggestion, so a rectangle left out of it disappears from the UI, and
+one echoed without its label turns gray (reference/label-studio.md §2.4). So a rectangle is echoed even
+when its answer cannot be used (no choice matches, empty text); only the answer is left out. For the same
+reason a region_qa rectangle is echoed with the question the annotator typed into it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ logger = logging.getLogger(__name__)
 REASONING_QUESTION_ID = "task:reasoning"
 
 _REGION_TAG = re.compile(r"<region(\d+)>")
+# A model's answer may name a region by its tag or, as in "region2", without the angle brackets.
+_REGION_NAME = re.compile(r"\bregion(\d+)\b")
 # Keys of a result item that make up the region itself; "origin", "score" and the like are not echoed.
 _ECHOED_KEYS = (
     "id",
@@ -48,9 +53,11 @@ class Region:
     original_width: int | None = None
     original_height: int | None = None
     item: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the LS result item
+    # region_qa: the LS result item of the question typed into this region, echoed with the answer.
+    question_item: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
-def region_from_item(item: Mapping[str, Any]) -> Region:
+def region_from_item(item: Mapping[str, Any], question_item: Mapping[str, Any] | None = None) -> Region:
     value = item.get("value") or {}
     width, height = item.get("original_width"), item.get("original_height")
     try:
@@ -64,6 +71,7 @@ def region_from_item(item: Mapping[str, Any]) -> Region:
         original_width=width,
         original_height=height,
         item=item,
+        question_item=question_item,
     )
 
 
@@ -87,8 +95,22 @@ def _bounding_box(value: Mapping[str, Any], width: int | None, height: int | Non
 
 
 def regions_from_result(result: Iterable[Mapping[str, Any]], scheme: LabelingScheme) -> list[Region]:
-    """The rectangles of the scheme's rectangle control, in result order; other controls' items are skipped."""
-    return [region_from_item(item) for item in result if item.get("from_name") == scheme.rectangle]
+    """The rectangles of the scheme's rectangle control, in result order; other controls' items are skipped.
+
+    region_qa: each region carries the question item that shares its id (the last one, if there are several).
+    """
+    result = list(result)
+    question_control = scheme.question if scheme.kind == "region_qa" else None
+    questions = {
+        str(item.get("id")): item
+        for item in result
+        if question_control is not None and item.get("from_name") == question_control
+    }
+    return [
+        region_from_item(item, questions.get(str(item.get("id"))))
+        for item in result
+        if item.get("from_name") == scheme.rectangle
+    ]
 
 
 def drawn_region(context_result: Sequence[Mapping[str, Any]], scheme: LabelingScheme) -> Region:
@@ -145,8 +167,11 @@ def describe_request(
     caption and classification ask one question per region. region_qa asks each region the question the
     annotator typed into its question TextArea (found in `source_result`); regions without one are
     skipped, and a question that names no <regionK> is sent as "<region1>: <question>". reasoning asks
-    the task's question once, where <regionK> is the K-th rectangle in `regions`. Only regions that a
-    question refers to are sent. `only_region_id` limits a per-region job to that one region.
+    the task's question once, where <regionK> is the K-th rectangle in `regions`; the job lists only the
+    rectangles the question mentions, in that order, and renumbers the question's tags to match them
+    (DESIGN.md: <regionK> is the K-th of the question's regions), so "<region1> or <region3>?" is sent as
+    "<region1> or <region2>?" about the first and third rectangles. Only regions that a question refers to
+    are sent. `only_region_id` limits a per-region job to that one region.
     """
     image_url = (task.get("data") or {}).get(scheme.image_key)
     if not image_url:
@@ -205,7 +230,11 @@ def _questions(
     if not text:
         raise ValueError(f"task {task.get('id')} has no {scheme.question_key!r} in its data")
     _check_region_tags(text, len(regions), f"the question of task {task.get('id')}")
-    return [{"id": REASONING_QUESTION_ID, "text": text, "regions": [region.id for region in regions]}]
+    # The worker reads a box only where the text names it, so it refuses a listed box that is never mentioned.
+    mentioned = sorted({int(k) for k in _REGION_TAG.findall(text)})
+    asked_number = {task_number: number for number, task_number in enumerate(mentioned, start=1)}
+    text = _REGION_TAG.sub(lambda tag: f"<region{asked_number[int(tag.group(1))]}>", text)
+    return [{"id": REASONING_QUESTION_ID, "text": text, "regions": [regions[k - 1].id for k in mentioned]}]
 
 
 def _typed_questions(result: Sequence[Mapping[str, Any]], control: str | None) -> dict[str, str]:
@@ -267,19 +296,25 @@ def prediction_from_answers(
     regions: Sequence[Region],
     answers: Iterable[Mapping[str, Any]],
     model_version: str,
+    *,
+    request: Mapping[str, Any] | None = None,
 ) -> dict:
     """A Label Studio prediction from the worker's answers, validated against the label config.
 
-    Per-region kinds: every answered region gives its echoed rectangle plus an answer item with the same
-    id. reasoning: the rectangles plus one task-level TextArea item. Scores: the worker's mean token
-    log-probability becomes a probability, exp(score), per item; the prediction's score is their mean
-    (0.0 when nothing was answered).
+    Per-region kinds: every answered region gives its echoed rectangle (region_qa: and its typed question)
+    plus an answer item with the same id; when the answer cannot be used (no choice matches, empty text),
+    the rectangle is echoed without it. reasoning: the rectangles plus one task-level TextArea item, whose
+    region references are put back into the task's numbering (<regionK>: the K-th of `regions`) using
+    `request`, the describe job the answers are for; without it the answer is taken as numbered that way
+    already. Scores: the worker's mean token log-probability becomes a probability, exp(score), per item;
+    the prediction's score is their mean over the answers used (0.0 when none was).
     """
     result: list[dict] = []
     scores: list[float] = []
-    for items, score in _answered(scheme, regions, answers_by_id(answers)):
+    for items, score in _answered(scheme, regions, answers_by_id(answers), request):
         result += items
-        scores.append(score)
+        if score is not None:
+            scores.append(score)
 
     prediction = {
         "result": result,
@@ -293,57 +328,119 @@ def prediction_from_answers(
 
 
 def _answered(
-    scheme: LabelingScheme, regions: Sequence[Region], by_id: Mapping[str, Mapping[str, Any]]
-) -> Iterator[tuple[list[dict], float]]:
-    """The result items of each answer, with the answer's probability."""
+    scheme: LabelingScheme,
+    regions: Sequence[Region],
+    by_id: Mapping[str, Mapping[str, Any]],
+    request: Mapping[str, Any] | None,
+) -> Iterator[tuple[list[dict], float | None]]:
+    """The result items of each answer, with the answer's probability (None when the answer is not used)."""
     if scheme.kind == "reasoning":
         answer = by_id.get(REASONING_QUESTION_ID)
-        if answer is not None:
-            score = _probability(answer)
-            task_answer = {
-                "id": uuid.uuid4().hex[:10],
-                "from_name": scheme.answer,
-                "to_name": scheme.interface().get_control(scheme.answer).to_name[0],
-                "type": "textarea",
-                "value": {"text": [answer["text"]]},
-                "score": score,
-            }
-            yield [*(_echo(region, scheme) for region in regions), task_answer], score
+        if answer is None:
+            return
+        score = _probability(answer)
+        rectangles = [_echo(region, scheme) for region in regions]
+        text = _in_task_numbering(answer["text"], regions, request)
+        if not text.strip():
+            logger.info("task-level answer is empty; the rectangles are echoed without it")
+            yield rectangles, None
+            return
+        task_answer = {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": scheme.answer,
+            "to_name": scheme.interface().get_control(scheme.answer).to_name[0],
+            "type": "textarea",
+            "value": {"text": [text]},
+            "score": score,
+        }
+        yield [*rectangles, task_answer], score
         return
 
     for region in regions:
         answer = by_id.get(question_id(scheme, region.id))
         if answer is None:
             continue
+        score = _probability(answer)
+        rectangle = _echo(region, scheme)
+        # The typed question goes back with the box: the accepted suggestion replaces the region's items.
+        question = _typed_question_item(region, rectangle, scheme)
         content = _answer_value(scheme, answer["text"])
         if content is None:
+            why = f"matches none of the choices {list(scheme.choices)}" if scheme.choices else "is empty"
             logger.info(
-                "region %s: %r matches none of the choices %s", region.id, answer["text"], scheme.choices
+                "region %s: the answer %r %s; the box is echoed without it", region.id, answer["text"], why
             )
+            yield [rectangle, *question], None
             continue
-        score = _probability(answer)
         # Both items form one region in the UI; the region list shows the score.
-        rectangle = {**_echo(region, scheme), "score": score}
-        geometry = {key: rectangle["value"][key] for key in _GEOMETRY_KEYS if key in rectangle["value"]}
+        rectangle["score"] = score
         region_answer = {
-            **{
-                key: rectangle[key]
-                for key in ("original_width", "original_height", "image_rotation")
-                if key in rectangle
-            },
-            "id": region.id,
-            "from_name": scheme.answer,
-            "to_name": scheme.image,
-            "type": scheme.answer_type,
-            "value": {**geometry, **content},
+            **_region_item(rectangle, scheme, scheme.answer, scheme.answer_type, content),
             "score": score,
         }
-        yield [rectangle, region_answer], score
+        yield [rectangle, *question, region_answer], score
+
+
+def _region_item(
+    rectangle: Mapping[str, Any],
+    scheme: LabelingScheme,
+    from_name: str,
+    kind: str,
+    content: Mapping[str, Any],
+) -> dict:
+    """A per-region item tied to `rectangle`: its id, image size and geometry, plus `content`.
+
+    The full form, geometry included, is what the labeling UI itself writes (reference/label-studio.md §2.7).
+    """
+    geometry = {key: rectangle["value"][key] for key in _GEOMETRY_KEYS if key in rectangle["value"]}
+    return {
+        **{
+            key: rectangle[key]
+            for key in ("original_width", "original_height", "image_rotation")
+            if key in rectangle
+        },
+        "id": rectangle["id"],
+        "from_name": from_name,
+        "to_name": scheme.image,
+        "type": kind,
+        "value": {**geometry, **content},
+    }
+
+
+def _typed_question_item(region: Region, rectangle: Mapping[str, Any], scheme: LabelingScheme) -> list[dict]:
+    """region_qa: the question typed into the region, as an item to echo ([] when there is none)."""
+    if scheme.question is None or region.question_item is None:
+        return []
+    lines = (region.question_item.get("value") or {}).get("text")
+    if not isinstance(lines, list) or not lines:
+        return []
+    return [_region_item(rectangle, scheme, scheme.question, "textarea", {"text": list(lines)})]
+
+
+def _in_task_numbering(text: str, regions: Sequence[Region], request: Mapping[str, Any] | None) -> str:
+    """A reasoning answer's region references, renumbered from the describe job's question to the task's."""
+    if request is None:
+        return text
+    questions = {question.get("id"): question for question in request.get("questions") or []}
+    asked = (questions.get(REASONING_QUESTION_ID) or {}).get("regions") or []
+    task_number: dict[str, int] = {}
+    for number, region in enumerate(regions, start=1):
+        task_number.setdefault(region.id, number)
+    unknown = [region_id for region_id in asked if region_id not in task_number]
+    if unknown:
+        raise ValueError(
+            f"the describe job asked about region {unknown[0]!r}, which is not among the rectangles"
+        )
+    renumbered = {number: task_number[region_id] for number, region_id in enumerate(asked, start=1)}
+    return _REGION_NAME.sub(
+        lambda name: f"region{renumbered.get(int(name.group(1)), int(name.group(1)))}", text
+    )
 
 
 def _answer_value(scheme: LabelingScheme, text: str) -> dict | None:
+    """The answer item's value content; None when the answer cannot be used."""
     if scheme.answer_type == "textarea":
-        return {"text": [text]}
+        return {"text": [text]} if text.strip() else None
     choice = closest_choice(text, scheme.choices)
     return {"choices": [choice]} if choice is not None else None
 

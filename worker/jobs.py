@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 from rq import get_current_job
 
-from backend.images import ImageRejected, load_image
+from backend.images import ImageRejected, RecentImages, load_image
 from backend.labeling import LabelingScheme, Prompts, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.results import Region, describe_request, prediction_from_answers, task_regions
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["describe_regions", "finetune", "prelabel_tasks"]
 
+# An annotator drawing box after box on one image starts a describe job per box: fetch the image once.
+# (prelabel_tasks reads each task's image once, so it does not use it.)
+_recent_images = RecentImages(ttl_s=60.0, max_bytes=64 * 1024 * 1024)
+
 
 def describe_regions(request: dict) -> dict:
     """Answer the request's questions about its regions.
@@ -44,7 +48,7 @@ def describe_regions(request: dict) -> dict:
     """
     settings = Settings.from_env()
     parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
-    image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings)
+    image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings, cache=_recent_images)
     host = active_host()
     engine, version = host.engine, host.version
     [answers] = engine.answer([parsed.image_request(image)])
@@ -57,6 +61,7 @@ class _PlannedTask:
 
     task_id: int
     regions: list[Region]
+    job: dict[str, Any]  # the describe job as built from the task (its region numbering)
     request: DescribeRequest
     image: Image.Image
 
@@ -120,7 +125,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | No
     for done, (plan, task_answers) in enumerate(zip(planned, answers, strict=True), start=1):
         try:
             prediction = prediction_from_answers(
-                scheme, plan.regions, plan.request.answers_json(task_answers), version
+                scheme, plan.regions, plan.request.answers_json(task_answers), version, request=plan.job
             )
             client.create_prediction(plan.task_id, prediction["result"], prediction["score"], version)
         except (ValueError, LabelStudioError) as error:
@@ -153,7 +158,7 @@ def _plan(
         return None  # region_qa: no region carries a typed question
     parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
     image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings)
-    return _PlannedTask(task["id"], regions, parsed, image)
+    return _PlannedTask(task["id"], regions, request, parsed, image)
 
 
 def _check_ids(project_id: Any, task_ids: Any) -> None:

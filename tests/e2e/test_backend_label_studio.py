@@ -218,8 +218,9 @@ def test_every_config_gets_a_connected_backend_and_predictions(
             assert echoed == box_ids
         else:
             assert config == "region_classification", f"no check written for {config}"
-            # A box whose answer names no category gets no item; every item names one of the config's.
+            # Every box is echoed; one whose answer names no category gets no choices item.
             picked = items(result, from_name="category", type="choices")
+            assert echoed == box_ids
             assert {item["id"] for item in picked} <= box_ids
             allowed = {"Person", "Vehicle", "Animal", "Furniture", "Other"}
             assert all(set(item["value"]["choices"]) <= allowed for item in picked)
@@ -417,13 +418,12 @@ def test_the_labeling_ui_shows_each_configs_answers(
         box = (x1 / record["width"], y1 / record["height"], x2 / record["width"], y2 / record["height"])
         report = run_draw_box(label_studio, setup.project, task["id"], box, shot)
         assert report["status"] == 200 and "errors" not in report["body"], report
-        # The UI keeps what the answer holds: the box with its category, or nothing when the model's answer
-        # names none of the categories (backend.results drops such a region).
+        # The drawn box stays, with its category when the model's answer names one of the categories
+        # (backend.results echoes the box even when it leaves the answer out).
         answer = report["body"]["data"]["result"]
-        assert report["regions_after"] == report["regions_before"] + len(
-            items(answer, type="rectanglelabels")
-        )
-        assert {item["id"] for item in items(answer, type="choices")} == {item["id"] for item in answer}
+        [drawn] = items(answer, type="rectanglelabels")
+        assert report["regions_after"] == report["regions_before"] + 1
+        assert {item["id"] for item in answer} == {drawn["id"]}
     else:
         report = run_open_task(label_studio, setup.project, task["id"], shot)
         result = served_prediction(task, served_model.version)["result"]

@@ -209,8 +209,10 @@ def test_a_transient_failure_is_retried_on_a_queue_with_retry_only(
     assert executions([worker.log()], bulk.id) == 2
     assert image_server.requests["flaky.png"] == 2
 
-    image_server.fail("flaky.png", 503, times=1)
-    interactive = enqueue(redis_conn, INTERACTIVE, DESCRIBE, describe_request(url))
+    # another image: the worker keeps recently fetched images, so "flaky.png" would not be fetched again
+    other = image_server.add("flaky-interactive.png", (worker_files / IMAGE).read_bytes())
+    image_server.fail("flaky-interactive.png", 503, times=1)
+    interactive = enqueue(redis_conn, INTERACTIVE, DESCRIBE, describe_request(other))
     with pytest.raises(JobFailed, match="HTTP 503"):
         wait_for_result(interactive, timeout_s=60)
     assert executions([worker.log()], interactive.id) == 1

@@ -23,7 +23,14 @@ import jwt
 import pytest
 from PIL import Image
 
-from backend.images import ImageRejected, ImageUnavailable, image_digest, load_image
+from backend.images import (
+    ImageRejected,
+    ImageUnavailable,
+    RecentImages,
+    fetch_image_bytes,
+    image_digest,
+    load_image,
+)
 from backend.settings import Settings
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -520,6 +527,158 @@ def test_local_files_are_refused_without_a_root(settings, local_root):
 def test_a_missing_local_file_is_a_clear_error(settings, local_root):
     with pytest.raises(ImageRejected, match="no such file"):
         load_image("imgs/missing.png", task_id=None, settings=settings)
+
+
+# --- recently fetched images ---------------------------------------------------------------------------
+
+
+class ManualClock:
+    """A clock the test moves by hand, so expiry is checked without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_repeated_fetch_within_the_ttl_reuses_the_bytes_and_still_decodes(label_studio, settings, files):
+    cache = RecentImages(ttl_s=60, max_bytes=1 << 20)
+
+    first = load_image("/data/upload/3/a.png", task_id=17, settings=settings, cache=cache)
+    second = load_image("/data/upload/3/a.png", task_id=17, settings=settings, cache=cache)
+
+    assert len(label_studio.headers_for("/data/upload/3/a.png")) == 1
+    assert image_digest(first) == image_digest(second)
+    assert second is not first  # decoded again: the cache holds bytes, never a decoded image
+    assert cache.size_bytes == len(files["png"])
+
+
+def test_an_entry_expires_after_its_ttl_from_the_fetch(label_studio, settings):
+    clock = ManualClock()
+    cache = RecentImages(ttl_s=60, max_bytes=1 << 20, clock=clock)
+
+    def fetch() -> bytes:
+        return fetch_image_bytes("/data/upload/3/a.png", task_id=17, settings=settings, cache=cache)
+
+    fetch()
+    clock.now += 59.0
+    fetch()  # a hit does not extend the entry's life
+    assert len(label_studio.headers_for("/data/upload/3/a.png")) == 1
+    clock.now += 1.0
+    fetch()
+    assert len(label_studio.headers_for("/data/upload/3/a.png")) == 2
+
+
+def test_the_cache_keeps_at_most_max_bytes_dropping_the_least_recently_used(settings):
+    cache = RecentImages(ttl_s=60, max_bytes=100)
+
+    cache.put("a", 1, settings, b"a" * 40)
+    cache.put("b", 1, settings, b"b" * 40)
+    assert cache.get("a", 1, settings) == b"a" * 40  # "a" is now the more recently used
+    cache.put("c", 1, settings, b"c" * 40)
+
+    assert cache.size_bytes == 80
+    assert cache.get("b", 1, settings) is None
+    assert (cache.get("a", 1, settings), cache.get("c", 1, settings)) == (b"a" * 40, b"c" * 40)
+    cache.put("huge", 1, settings, b"h" * 101)  # larger than the whole cache: not kept, nothing dropped
+    assert cache.get("huge", 1, settings) is None and cache.size_bytes == 80
+    cache.put("a", 1, settings, b"A" * 10)  # a new fetch replaces the old bytes
+    assert cache.get("a", 1, settings) == b"A" * 10 and cache.size_bytes == 50
+
+
+def test_expired_entries_make_room_before_live_ones_are_dropped(settings):
+    clock = ManualClock()
+    cache = RecentImages(ttl_s=10, max_bytes=100, clock=clock)
+    cache.put("old", 1, settings, b"o" * 50)
+    clock.now += 5
+    cache.put("live", 1, settings, b"l" * 40)
+    clock.now += 5  # "old" expires now
+    cache.put("new", 1, settings, b"n" * 50)
+
+    assert cache.size_bytes == 90
+    assert cache.get("live", 1, settings) == b"l" * 40
+
+
+def test_the_same_url_for_another_task_or_label_studio_is_fetched_again(
+    label_studio, other_host, settings, files
+):
+    # One cloud URI, presigned per task: each task must get the bytes Label Studio gives it.
+    other_host.serve("/bucket/for-17.png", files["png"])
+    other_host.serve("/bucket/for-18.png", files["large.png"])
+    label_studio.presign(17, "s3://bucket/key.png", f"{other_host.url}/bucket/for-17.png")
+    label_studio.presign(18, "s3://bucket/key.png", f"{other_host.url}/bucket/for-18.png")
+    cache = RecentImages()
+
+    def size(task_id: int, settings: Settings = settings) -> tuple[int, int]:
+        return load_image("s3://bucket/key.png", task_id=task_id, settings=settings, cache=cache).size
+
+    assert [size(17), size(18), size(17), size(18)] == [(64, 48), (300, 300), (64, 48), (300, 300)]
+    assert len(label_studio.headers_for("/tasks/17/presign/")) == 1
+    assert len(label_studio.headers_for("/tasks/18/presign/")) == 1
+
+    # The same relative URL under other settings is another Label Studio's file.
+    elsewhere = RecordingServer("127.0.0.1")
+    try:
+        elsewhere.serve("/data/upload/3/a.png", files["large.png"])
+        assert load_image("/data/upload/3/a.png", task_id=17, settings=settings, cache=cache).size == (64, 48)
+        moved = dataclasses.replace(settings, label_studio_url=elsewhere.url)
+        assert load_image("/data/upload/3/a.png", task_id=17, settings=moved, cache=cache).size == (300, 300)
+    finally:
+        elsewhere.close()
+
+
+def test_a_failed_fetch_is_not_kept(other_host, settings, files):
+    cache = RecentImages()
+    url = f"{other_host.url}/flaky.png"
+    other_host.serve("/flaky.png", b"", status=503)
+    with pytest.raises(ImageUnavailable):
+        fetch_image_bytes(url, task_id=17, settings=settings, cache=cache)
+
+    other_host.serve("/flaky.png", files["png"])
+    assert fetch_image_bytes(url, task_id=17, settings=settings, cache=cache) == files["png"]
+    assert cache.size_bytes == len(files["png"])
+
+
+def test_bytes_that_fail_to_decode_fail_on_every_use(other_host, settings, files):
+    cache = RecentImages()
+    other_host.serve("/page.png", files["not-an-image"])
+    for _ in range(2):
+        with pytest.raises(ImageRejected, match="not an image"):
+            load_image(f"{other_host.url}/page.png", task_id=17, settings=settings, cache=cache)
+    assert len(other_host.headers_for("/page.png")) == 1
+
+
+def test_threads_sharing_the_cache_keep_its_byte_count_right(settings):
+    cache = RecentImages(ttl_s=60, max_bytes=1000)
+
+    def work(worker: int) -> None:
+        for i in range(300):
+            key = f"img-{(worker * 7 + i) % 40}"
+            if cache.get(key, worker % 3, settings) is None:
+                cache.put(key, worker % 3, settings, bytes(10 + (i % 5) * 20))
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    held = [
+        len(data)
+        for key in range(40)
+        for task in range(3)
+        if (data := cache.get(f"img-{key}", task, settings)) is not None
+    ]
+    assert 0 < cache.size_bytes <= 1000
+    assert sum(held) == cache.size_bytes
+
+
+def test_the_cache_refuses_a_non_positive_size_or_ttl():
+    with pytest.raises(ValueError, match="must be positive"):
+        RecentImages(ttl_s=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        RecentImages(max_bytes=0)
 
 
 # --- digest --------------------------------------------------------------------------------------------

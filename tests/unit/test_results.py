@@ -18,6 +18,7 @@ from backend.results import (
     regions_from_result,
     task_regions,
 )
+from worker.describe_request import parse_describe_request
 
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
 
@@ -303,6 +304,36 @@ def test_reasoning_question_naming_a_missing_rectangle_is_an_error():
         describe_request(VCR_TASK, regions, REASONING, Prompts())
 
 
+THREE_BOXES = [*TWO_BOXES, rectangle("r3", 0, 0, 50, 50)]
+
+
+@pytest.mark.parametrize(
+    ("question", "sent", "regions"),
+    [
+        ("Is <region1> left of <region3>?", "Is <region1> left of <region2>?", ["r1", "r3"]),
+        ("Why is <region3> looking at <region2>?", "Why is <region2> looking at <region1>?", ["r2", "r3"]),
+        (
+            "What is <region2> holding? Is <region2> red?",
+            "What is <region1> holding? Is <region1> red?",
+            ["r2"],
+        ),
+        ("What happens here?", "What happens here?", []),
+    ],
+)
+def test_reasoning_job_lists_only_the_mentioned_rectangles_and_renumbers_the_question(
+    question, sent, regions
+):
+    task = {**VCR_TASK, "data": {**VCR_TASK["data"], "question": question}}
+    job = describe_request(task, regions_from_result(THREE_BOXES, REASONING), REASONING, Prompts())
+
+    assert job["questions"] == [{"id": REASONING_QUESTION_ID, "text": sent, "regions": regions}]
+    assert [region["id"] for region in job["regions"]] == regions
+    # The worker's own check: <regionK> is the K-th listed region, and every listed region is mentioned.
+    [parsed] = parse_describe_request(job, default_max_new_tokens=48).questions
+    boxes = {region.id: region.box for region in regions_from_result(THREE_BOXES, REASONING)}
+    assert parsed.boxes == tuple(boxes[region_id] for region_id in regions)
+
+
 def test_reasoning_rejects_only_region_id():
     with pytest.raises(ValueError, match="only_region_id does not apply to the reasoning kind"):
         describe_request(
@@ -435,7 +466,7 @@ def test_closest_choice_prefers_more_shared_words_then_the_earlier_choice():
     assert closest_choice("a car", ("red car", "blue car")) == "red car"
 
 
-def test_classification_prediction_maps_to_allowed_choices_and_leaves_the_rest_unanswered():
+def test_classification_prediction_maps_to_allowed_choices_and_keeps_unmatched_boxes_without_one():
     result = [rectangle("r1", 10, 20, 35, 40), rectangle("r2", 50, 50, 25, 25)]
     regions = regions_from_result(result, CLASSIFICATION)
     answers = [
@@ -446,6 +477,7 @@ def test_classification_prediction_maps_to_allowed_choices_and_leaves_the_rest_u
     assert [(item["id"], item["type"]) for item in prediction["result"]] == [
         ("r1", "rectanglelabels"),
         ("r1", "choices"),
+        ("r2", "rectanglelabels"),  # the box stays in the UI; only the unusable answer is left out
     ]
     assert prediction["result"][1]["value"] == {
         "x": 10,
@@ -455,7 +487,89 @@ def test_classification_prediction_maps_to_allowed_choices_and_leaves_the_rest_u
         "rotation": 0,
         "choices": ["Person"],
     }
+    unmatched = prediction["result"][2]
+    assert unmatched["value"] == result[1]["value"] and "score" not in unmatched
+    assert prediction["score"] == pytest.approx(math.exp(-0.5))  # only the answer that was used counts
     assert_valid(CLASSIFICATION, prediction)
+
+
+def test_a_drawn_box_whose_answer_matches_no_choice_is_echoed_alone():
+    drawn = drawn_region([rectangle("new", 40, 40, 10, 10, origin="manual")], CLASSIFICATION)
+    answers = [{"id": "new:classification", "text": "a banana", "score": -0.1}]
+
+    prediction = prediction_from_answers(CLASSIFICATION, [drawn], answers, "v3")
+
+    [box] = prediction["result"]
+    assert (box["id"], box["type"], box["value"]["rectanglelabels"]) == ("new", "rectanglelabels", ["Object"])
+    assert "origin" not in box
+    assert prediction["score"] == 0.0
+    assert_valid(CLASSIFICATION, prediction)
+
+
+def test_an_empty_caption_leaves_the_box_without_a_caption():
+    regions = regions_from_result(TWO_BOXES, CAPTION)
+    answers = [
+        {"id": "r1:caption", "text": "  ", "score": -0.2},
+        {"id": "r2:caption", "text": "a red square", "score": -0.4},
+    ]
+    prediction = prediction_from_answers(CAPTION, regions, answers, "v3")
+    assert [(item["id"], item["type"]) for item in prediction["result"]] == [
+        ("r1", "rectanglelabels"),
+        ("r2", "rectanglelabels"),
+        ("r2", "textarea"),
+    ]
+    assert prediction["score"] == pytest.approx(math.exp(-0.4))
+
+
+def test_region_qa_prediction_echoes_the_typed_question_with_the_answer():
+    result = [
+        rectangle("r1", 10, 20, 35, 40, size=(640, 480)),
+        {  # as the e2e tasks and an API import write it: text only, no geometry
+            "id": "r1",
+            "from_name": "question",
+            "to_name": "image",
+            "type": "textarea",
+            "value": {"text": ["What colour", "is it?"]},
+        },
+        rectangle("r2", 50, 50, 25, 25),
+    ]
+    regions = regions_from_result(result, REGION_QA)
+    answers = [{"id": "r1:region_qa", "text": "red", "score": -0.1}]
+
+    prediction = prediction_from_answers(REGION_QA, regions, answers, "v3")
+
+    box, question, answer = prediction["result"]
+    geometry = {"x": 10, "y": 20, "width": 35, "height": 40, "rotation": 0}
+    assert question == {
+        "original_width": 640,
+        "original_height": 480,
+        "image_rotation": 0,
+        "id": "r1",
+        "from_name": "question",
+        "to_name": "image",
+        "type": "textarea",
+        "value": {**geometry, "text": ["What colour", "is it?"]},
+    }
+    assert (box["id"], answer["id"], answer["from_name"]) == ("r1", "r1", "answer")
+    assert answer["value"] == {**geometry, "text": ["red"]}
+    assert_valid(REGION_QA, prediction)
+
+
+def test_the_drawn_region_carries_its_typed_question_and_an_unusable_answer_keeps_it():
+    context = [
+        rectangle("new", 40, 40, 10, 10, origin="manual"),
+        textarea("new", "question", "Is it moving?", geometry=(40, 40, 10, 10)),
+        textarea("other", "question", "not this one"),
+    ]
+    drawn = drawn_region(context, REGION_QA)
+    prediction = prediction_from_answers(
+        REGION_QA, [drawn], [{"id": "new:region_qa", "text": "", "score": -0.1}], "v3"
+    )
+    assert [(item["from_name"], item["value"].get("text")) for item in prediction["result"]] == [
+        ("label", None),
+        ("question", ["Is it moving?"]),
+    ]
+    assert_valid(REGION_QA, prediction)
 
 
 def test_reasoning_prediction_adds_one_task_level_answer():
@@ -473,6 +587,42 @@ def test_reasoning_prediction_adds_one_task_level_answer():
     }
     assert prediction["score"] == pytest.approx(math.exp(-0.3))
     assert_valid(REASONING, prediction)
+
+
+def test_reasoning_answer_names_the_regions_as_the_task_question_does():
+    regions = regions_from_result(THREE_BOXES, REASONING)
+    task = {**VCR_TASK, "data": {**VCR_TASK["data"], "question": "Is <region3> larger than <region1>?"}}
+    job = describe_request(task, regions, REASONING, Prompts())
+    assert job["questions"][0]["text"] == "Is <region2> larger than <region1>?"
+    answers = [{"id": REASONING_QUESTION_ID, "text": "No, <region1> is; region2 is small.", "score": -0.3}]
+
+    prediction = prediction_from_answers(REASONING, regions, answers, "v3", request=job)
+
+    *rectangles, answer = prediction["result"]
+    assert [item["id"] for item in rectangles] == ["r1", "r2", "r3"]  # every box of the task is echoed
+    assert answer["value"]["text"] == ["No, <region1> is; region3 is small."]
+    without_request = prediction_from_answers(REASONING, regions, answers, "v3")
+    assert without_request["result"][-1]["value"]["text"] == ["No, <region1> is; region2 is small."]
+
+
+def test_reasoning_answer_for_a_job_about_other_rectangles_is_an_error():
+    job = {"questions": [{"id": REASONING_QUESTION_ID, "text": "<region1>?", "regions": ["r9"]}]}
+    answers = [{"id": REASONING_QUESTION_ID, "text": "yes", "score": -0.3}]
+    with pytest.raises(ValueError, match="asked about region 'r9', which is not among the rectangles"):
+        prediction_from_answers(
+            REASONING, regions_from_result(TWO_BOXES, REASONING), answers, "v3", request=job
+        )
+
+
+def test_an_empty_reasoning_answer_leaves_the_rectangles_without_it():
+    regions = regions_from_result(TWO_BOXES, REASONING)
+    answers = [{"id": REASONING_QUESTION_ID, "text": "", "score": -0.3}]
+    prediction = prediction_from_answers(REASONING, regions, answers, "v3")
+    assert [(item["id"], item["type"]) for item in prediction["result"]] == [
+        ("r1", "rectanglelabels"),
+        ("r2", "rectanglelabels"),
+    ]
+    assert prediction["score"] == 0.0
 
 
 def test_a_prediction_that_does_not_fit_the_config_is_an_error():
