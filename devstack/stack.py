@@ -127,6 +127,9 @@ class Stack:
             "LABEL_STUDIO_API_KEY": self.label_studio.token,
             "LOG_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
+            # One torch thread: on a small machine the worker shares its cores with Label Studio and the
+            # backend, and torch's threads then wait on each other at every operation (see README).
+            "OMP_NUM_THREADS": "1",
             **self.extra_env,
         }
 

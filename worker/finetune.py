@@ -161,7 +161,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         log.info("finetune project=%s promoted %s: %s", project_id, version, why)
     else:
         log.warning("finetune project=%s kept %s: %s", project_id, current, why)
-    append_run(registry, run)
+    registry.record_training_run(run)
     heartbeats.publish_registry(connection, registry.current(), registry.versions())
     report("done", {"result": run})
     return run
@@ -255,19 +255,6 @@ def acceptance_by_version(data: Path) -> dict[str, dict]:
 
 def file_digest(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def append_run(registry: ModelRegistry, run: dict) -> None:
-    registry.root.mkdir(parents=True, exist_ok=True)
-    with (registry.root / "trainings.jsonl").open("a") as runs:
-        runs.write(json.dumps(run) + "\n")
-
-
-def training_runs(registry: ModelRegistry) -> list[dict]:
-    path = registry.root / "trainings.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
 
 
 # progress -----------------------------------------------------------------------------------------------

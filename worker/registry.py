@@ -7,6 +7,7 @@ Layout under the root ($MODEL_DIR, DESIGN.md):
     current                the served version's name; replaced atomically (os.replace), so a reader sees
                            the old name or the new one, never a partial file
     history.jsonl          one line per promotion or rollback, appended under the lock
+    trainings.jsonl        one line per fine-tuning run, promoted or not (worker/finetune.py writes them)
     .lock                  fcntl.flock lock for everything that changes the registry
 
 A version is copied into a hidden directory inside versions/ and renamed into place when complete, so a
@@ -53,6 +54,7 @@ class ModelRegistry:
         self.versions_dir = self.root / "versions"
         self.current_file = self.root / "current"
         self.history_file = self.root / "history.jsonl"
+        self.trainings_file = self.root / "trainings.jsonl"
         self.lock_file = self.root / ".lock"
 
     # --- reading -------------------------------------------------------------------------------------
@@ -102,19 +104,11 @@ class ModelRegistry:
 
     def history(self) -> list[dict[str, Any]]:
         """Promotions and rollbacks, oldest first: {"action", "version", "previous", "at"}."""
-        try:
-            lines = self.history_file.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        entries = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                log.warning(
-                    "%s line %d is not JSON (an interrupted write?); ignored", self.history_file, number
-                )
-        return entries
+        return _read_json_lines(self.history_file)
+
+    def training_runs(self) -> list[dict[str, Any]]:
+        """Fine-tuning runs, oldest first, as recorded by record_training_run."""
+        return _read_json_lines(self.trainings_file)
 
     # --- changing ------------------------------------------------------------------------------------
 
@@ -129,8 +123,9 @@ class ModelRegistry:
     ) -> str:
         """Copy the model directory `src_dir` into the registry as a new version; returns its name.
 
-        Without `version` the next free "v<N>" is used. A card.json in `src_dir` is kept, with the
-        registry's fields (version, parent, dataset_digest, metrics, created_at) set over it.
+        Without `version` the next free "v<N>" is used. A card.json in `src_dir` is kept; version and
+        created_at are always the registry's, and parent, dataset_digest and metrics override the
+        card's own values only where they are given.
         """
         source = Path(src_dir)
         if not source.is_dir():
@@ -148,7 +143,9 @@ class ModelRegistry:
             copy = staging / "model"
             shutil.copytree(source, copy, symlinks=False)
             card = {**_read_card(copy), **(extra or {})}
-            card.update(parent=parent, dataset_digest=dataset_digest, metrics=metrics or {})
+            given = {"parent": parent, "dataset_digest": dataset_digest, "metrics": metrics}
+            card.update({key: value for key, value in given.items() if value is not None})
+            card.setdefault("metrics", {})
             with self._locked():
                 name = version or self._next_version_name()
                 target = self.versions_dir / name
@@ -194,6 +191,10 @@ class ModelRegistry:
             self._set_current(previous, action="rollback")
             return previous
 
+    def record_training_run(self, run: dict[str, Any]) -> None:
+        with self._locked():
+            _append_json_line(self.trainings_file, run)
+
     def update_card(self, version: str, /, **fields: Any) -> dict[str, Any]:
         """Set fields of a version's card (e.g. metrics after an evaluation); returns the new card."""
         if "version" in fields and fields["version"] != version:
@@ -224,11 +225,9 @@ class ModelRegistry:
     def _set_current(self, version: str, *, action: str) -> None:
         previous = self.current()
         _write_atomically(self.current_file, version + "\n")
-        entry = {"action": action, "version": version, "previous": previous, "at": _now()}
-        with open(self.history_file, "a") as history:
-            history.write(json.dumps(entry) + "\n")
-            history.flush()
-            os.fsync(history.fileno())
+        _append_json_line(
+            self.history_file, {"action": action, "version": version, "previous": previous, "at": _now()}
+        )
         log.info("%s: now serving model version %s (was %s)", action, version, previous)
 
     def _promotion_stack(self) -> list[str]:
@@ -290,3 +289,26 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _append_json_line(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a") as lines:
+        lines.write(json.dumps(entry) + "\n")
+        lines.flush()
+        os.fsync(lines.fileno())
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            log.warning("%s line %d is not JSON (an interrupted write?); ignored", path, number)
+    return entries

@@ -11,19 +11,23 @@ import json
 from pathlib import Path
 
 from backend.settings import Settings
-from worker.finetune import training_runs
 from worker.registry import ModelRegistry, RegistryError
 
 
 def register_cli(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
-        "registry", help="list, promote, roll back model versions; plot their history"
+        "registry", help="import, list, promote, roll back model versions; plot them"
     )
     command.add_argument("--model-dir", type=Path, help="registry root (default: MODEL_DIR)")
     actions = command.add_subparsers(dest="action", required=True)
     actions.add_parser(
-        "list", help="every version with its card (one JSON line each); * marks the served one"
+        "list", help="every version with its card, one JSON line each (served: the current one)"
     )
+    add = actions.add_parser(
+        "import", help="add a model directory as a new version (served when none is yet)"
+    )
+    add.add_argument("directory", type=Path)
+    add.add_argument("--version", help="its name (default: the card's version, else the next v<N>)")
     promote = actions.add_parser("promote", help="serve this version from the next job on")
     promote.add_argument("version")
     actions.add_parser("rollback", help="serve the previously promoted version again")
@@ -41,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
             current = registry.current()
             for card in registry.versions():
                 print(json.dumps({"served": card["version"] == current, **card}))
+        elif args.action == "import":
+            version = registry.import_model(
+                args.directory, version=args.version or _card_version(args.directory)
+            )
+            print(json.dumps({"version": version, "current": registry.current()}))
         elif args.action == "promote":
             registry.promote(args.version)
             print(json.dumps({"current": registry.current()}))
@@ -52,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     except RegistryError as error:
         raise ValueError(str(error)) from None
     return 0
+
+
+def _card_version(directory: Path) -> str | None:
+    card = directory / "card.json"
+    return json.loads(card.read_text()).get("version") if card.is_file() else None
 
 
 def plot_report(registry: ModelRegistry, out: Path) -> None:
@@ -66,7 +80,7 @@ def plot_report(registry: ModelRegistry, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     cards = registry.versions()
-    runs = training_runs(registry)
+    runs = registry.training_runs()
     figure, axis = plt.subplots(figsize=(7, 3.8))
     held_out = [
         (datetime.fromisoformat(card["created_at"]), _held_out(card), card["version"])

@@ -124,6 +124,6 @@ def test_registry_report_draws_versions_and_runs(tmp_path):
         "promoted": second,
         "acceptance": {first: {"rate": 0.4}},
     }
-    (registry.root / "trainings.jsonl").write_text(json.dumps(run) + "\n")
+    registry.record_training_run(run)
     plot_report(registry, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

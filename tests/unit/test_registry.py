@@ -92,6 +92,27 @@ def test_a_card_in_the_source_is_kept_under_the_registry_fields(registry, source
     assert (card["version"], card["base_model"], card["metrics"]) == ("v1", "vicuna-7b", {"x": 2})
 
 
+def test_card_fields_not_given_to_publish_keep_the_source_card_values(registry, source):
+    (source / "card.json").write_text(
+        json.dumps({"parent": "base", "dataset_digest": "sha256:d", "metrics": {"exact_match": 0.9}})
+    )
+
+    registry.publish(source, extra={"note": "imported"})
+
+    card = registry.card("v1")
+    assert (card["parent"], card["dataset_digest"]) == ("base", "sha256:d")
+    assert card["metrics"] == {"exact_match": 0.9}
+    assert card["note"] == "imported"
+
+
+def test_a_source_without_a_card_gets_empty_metrics_and_no_parent(registry, source):
+    registry.publish(source)
+
+    card = registry.card("v1")
+    assert card["metrics"] == {}
+    assert card.get("parent") is None
+
+
 def test_publish_refuses_to_overwrite_and_bad_names(registry, source):
     registry.publish(source, version="v1")
 
@@ -297,3 +318,11 @@ def test_concurrent_promotions_keep_a_consistent_history(registry, source):
     for before, after in itertools.pairwise(history):
         assert after["previous"] == before["version"]
     assert registry.current() == history[-1]["version"]
+
+
+def test_training_runs_are_appended_and_read_back_in_order(registry):
+    registry.record_training_run({"promoted": "v2", "held_out": 0.9})
+    registry.record_training_run({"promoted": None, "held_out": 0.4})
+
+    assert [run["promoted"] for run in registry.training_runs()] == ["v2", None]
+    assert ModelRegistry(registry.root).training_runs()[1]["held_out"] == 0.4
