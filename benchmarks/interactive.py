@@ -46,6 +46,7 @@ from backend.ls_client import LabelStudioClient
 from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
 from devstack.provision import (
     LOCAL_FILES_PREFIX,
+    drawn_rectangle,
     ensure_project,
     ensure_world,
     held_back,
@@ -94,28 +95,6 @@ class Calls:
         self.world = world
 
     @staticmethod
-    def rectangle(record: dict, index: int, region_id: str) -> dict:
-        x1, y1, x2, y2 = record["regions"][index]
-        width, height = record["width"], record["height"]
-        return {
-            "id": region_id,
-            "from_name": "label",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "origin": "manual",
-            "original_width": width,
-            "original_height": height,
-            "value": {
-                "x": x1 / width * 100,
-                "y": y1 / height * 100,
-                "width": (x2 - x1) / width * 100,
-                "height": (y2 - y1) / height * 100,
-                "rotation": 0,
-                "rectanglelabels": ["Object"],
-            },
-        }
-
-    @staticmethod
     def describe_request(record: dict, index: int) -> dict:
         """The describe job the backend makes for that box (DESIGN.md, "Data contracts")."""
         x1, y1, x2, y2 = record["regions"][index]
@@ -139,7 +118,7 @@ def through_label_studio(
     client: LabelStudioClient, ml_backend: int, calls: Calls, warmup: int
 ) -> tuple[list[float], list[str]]:
     def caption(record: dict, index: int, task_id: int, number: int) -> str:
-        drawn = calls.rectangle(record, index, f"bench-{number}")
+        drawn = drawn_rectangle(record, index, f"bench-{number}")
         reply = client.interactive_annotating(ml_backend, task_id, [drawn])
         if "errors" in reply:
             raise SystemExit(f"Label Studio answered with errors: {reply['errors']}")
@@ -170,7 +149,7 @@ def direct_to_backend(
             "params": {
                 "login": None,
                 "password": None,
-                "context": {"result": [calls.rectangle(record, index, f"direct-{number}")]},
+                "context": {"result": [drawn_rectangle(record, index, f"direct-{number}")]},
             },
         }
         milliseconds, _ = timed(session.post, f"{stack.backend_url}/predict", json=body, timeout=60)

@@ -149,6 +149,30 @@ def world_records(world: Path) -> dict[str, JSON]:
     return {record["id"]: record for record in map(json.loads, lines)}
 
 
+def drawn_rectangle(record: JSON, index: int, region_id: str) -> JSON:
+    """The record's index-th object boxed as the labeling UI sends a freshly drawn rectangle."""
+    x1, y1, x2, y2 = record["regions"][index]
+    width, height = record["width"], record["height"]
+    return {
+        "id": region_id,
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "origin": "manual",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {
+            "x": x1 / width * 100,
+            "y": y1 / height * 100,
+            "width": (x2 - x1) / width * 100,
+            "height": (y2 - y1) / height * 100,
+            "rotation": 0,
+            "rectanglelabels": ["Object"],
+        },
+    }
+
+
 @contextmanager
 def _sdk(operation: str) -> Iterator[None]:
     """SDK calls that LabelStudioClient does not wrap fail with LabelStudioError, as its own calls do."""

@@ -107,19 +107,7 @@ def run_draw_box(
         argv += ["--label", label]
     if submit:
         argv.append("--submit")
-    # The password goes through the environment, not the command line.
-    env = {**os.environ, "LS_PASSWORD": label_studio.password}
-    completed = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s)
-    lines = completed.stdout.strip().splitlines()
-    try:
-        report = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError) as error:
-        raise DrawBoxFailed(
-            f"draw_box.js exited with {completed.returncode} without a report:\n{completed.stdout}\n{completed.stderr}"
-        ) from error
-    if completed.returncode != 0 or not report.get("ok"):
-        raise DrawBoxFailed(f"draw_box.js failed: {json.dumps(report)}\nstderr:\n{completed.stderr[-3000:]}")
-    return report
+    return _run_browser_script(label_studio, argv, timeout_s)
 
 
 @pytest.fixture
@@ -151,6 +139,13 @@ def run_open_task(
         "--screenshot", str(screenshot),
         "--timeout-ms", str(int(timeout_s * 1000 / 2)),
     ]  # fmt: skip
+    return _run_browser_script(label_studio, argv, timeout_s)
+
+
+def _run_browser_script(label_studio: LabelStudio, argv: list[str], timeout_s: float) -> dict:
+    """Run a browser script (`node SCRIPT ...`) and return its last-line JSON report."""
+    script = Path(argv[1]).name
+    # The password goes through the environment, not the command line.
     env = {**os.environ, "LS_PASSWORD": label_studio.password}
     completed = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s)
     lines = completed.stdout.strip().splitlines()
@@ -158,10 +153,10 @@ def run_open_task(
         report = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError) as error:
         raise DrawBoxFailed(
-            f"open_task.js exited with {completed.returncode} without a report:\n{completed.stdout}\n{completed.stderr}"
+            f"{script} exited with {completed.returncode} without a report:\n{completed.stdout}\n{completed.stderr}"
         ) from error
     if completed.returncode != 0 or not report.get("ok"):
-        raise DrawBoxFailed(f"open_task.js failed: {json.dumps(report)}\nstderr:\n{completed.stderr[-3000:]}")
+        raise DrawBoxFailed(f"{script} failed: {json.dumps(report)}\nstderr:\n{completed.stderr[-3000:]}")
     return report
 
 

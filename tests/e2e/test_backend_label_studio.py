@@ -22,6 +22,7 @@ from backend.queues import SERIALIZER, TRAIN
 from devstack.label_studio import LabelStudio
 from devstack.provision import (
     ProjectSetup,
+    drawn_rectangle,
     ensure_project,
     ensure_world,
     held_back,
@@ -58,30 +59,6 @@ def true_caption(record: JSON, region_id: str) -> str:
     """The caption of the object a synthetic region id names."""
     number = int(_REGION_NUMBER.search(region_id).group(1))
     return format_caption(**record["objects"][number - 1])
-
-
-def drawn_rectangle(record: JSON, index: int, region_id: str) -> JSON:
-    """The record's index-th object boxed as the labeling UI sends a freshly drawn rectangle."""
-    x1, y1, x2, y2 = record["regions"][index]
-    width, height = record["width"], record["height"]
-    return {
-        "id": region_id,
-        "from_name": "label",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "origin": "manual",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "x": x1 / width * 100,
-            "y": y1 / height * 100,
-            "width": (x2 - x1) / width * 100,
-            "height": (y2 - y1) / height * 100,
-            "rotation": 0,
-            "rectanglelabels": ["Object"],
-        },
-    }
 
 
 def wait_until(condition: Callable[[], T], timeout_s: float, message: str) -> T:
