@@ -16,38 +16,18 @@
 
 'use strict';
 
-const { parseArgs } = require('node:util');
-const { chromium } = require('playwright-core');
+const { logIn, readOptions, runInBrowser } = require('./label_studio_page');
 
-const CHROMIUM_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--no-first-run',
-];
-const LOOPBACK = new Set(['127.0.0.1', 'localhost', '[::1]']);
-
-function readOptions() {
-  const { values } = parseArgs({
-    options: {
-      url: { type: 'string', default: process.env.LS_URL },
-      email: { type: 'string', default: process.env.LS_EMAIL },
-      password: { type: 'string', default: process.env.LS_PASSWORD },
-      project: { type: 'string' },
-      task: { type: 'string' },
-      box: { type: 'string' },
-      label: { type: 'string' },
-      screenshot: { type: 'string' },
-      submit: { type: 'boolean', default: false },
-      'timeout-ms': { type: 'string', default: '60000' },
-      chromium: { type: 'string', default: process.env.CHROMIUM_PATH || '/usr/bin/chromium' },
-    },
-  });
-  const missing = ['url', 'email', 'password', 'project', 'task', 'box', 'screenshot'].filter((k) => !values[k]);
-  if (missing.length) throw new Error(`missing options: ${missing.join(', ')} (url/email/password may come from LS_URL/LS_EMAIL/LS_PASSWORD)`);
-  const box = values.box.split(',').map(Number);
+function readDrawOptions() {
+  const opts = readOptions(
+    { box: { type: 'string' }, label: { type: 'string' }, submit: { type: 'boolean', default: false } },
+    ['box'],
+  );
+  const box = opts.box.split(',').map(Number);
   if (box.length !== 4 || box.some((v) => !(v >= 0 && v <= 1)) || box[0] >= box[2] || box[1] >= box[3]) {
-    throw new Error(`--box must be x1,y1,x2,y2 fractions of the canvas with x1<x2 and y1<y2, got ${values.box}`);
+    throw new Error(`--box must be x1,y1,x2,y2 fractions of the canvas with x1<x2 and y1<y2, got ${opts.box}`);
   }
-  return { ...values, url: values.url.replace(/\/+$/, ''), box, timeout: Number(values['timeout-ms']) };
+  return { ...opts, box };
 }
 
 // Regions in the outliner: [{index, texts}], index being the number LS shows (new regions get the highest).
@@ -70,10 +50,7 @@ async function largestCanvas(page) {
 
 async function drawBox(opts, page, report) {
   const started = Date.now();
-  await page.goto(`${opts.url}/user/login/`);
-  await page.fill('input[name=email]', opts.email);
-  await page.fill('input[name=password]', opts.password);
-  await Promise.all([page.waitForURL((u) => !u.pathname.startsWith('/user/login')), page.click('button[type=submit]')]);
+  await logIn(opts, page);
 
   await page.goto(`${opts.url}/projects/${opts.project}/data?task=${opts.task}`);
   await page.waitForSelector('canvas');
@@ -134,40 +111,4 @@ async function drawBox(opts, page, report) {
   }
 }
 
-async function main() {
-  let opts;
-  try {
-    opts = readOptions();
-  } catch (error) {
-    console.log(JSON.stringify({ ok: false, error: error.message }));
-    process.exit(2);
-  }
-  const report = { ok: false, screenshot: opts.screenshot, aborted_requests: [] };
-  const browser = await chromium.launch({ executablePath: opts.chromium, headless: true, args: CHROMIUM_ARGS });
-  try {
-    const context = await browser.newContext({ viewport: { width: 1400, height: 900 } });
-    context.setDefaultTimeout(opts.timeout);
-    // Nothing leaves the machine: Label Studio's pages must work from 127.0.0.1 alone.
-    await context.route('**/*', (route) => {
-      const host = new URL(route.request().url()).hostname;
-      if (LOOPBACK.has(host)) return route.continue();
-      report.aborted_requests.push(host);
-      return route.abort();
-    });
-    const page = await context.newPage();
-    try {
-      await drawBox(opts, page, report);
-      report.ok = true;
-    } catch (error) {
-      report.error = error.message.split('\n')[0];
-      // What the page showed when it went wrong.
-      await page.screenshot({ path: opts.screenshot }).catch((e) => { report.screenshot_error = e.message; });
-    }
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(report));
-  process.exit(report.ok ? 0 : 1);
-}
-
-main();
+runInBrowser(readDrawOptions, drawBox);

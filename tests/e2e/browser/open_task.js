@@ -13,38 +13,10 @@
 
 'use strict';
 
-const { parseArgs } = require('node:util');
-const { chromium } = require('playwright-core');
-
-const CHROMIUM_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--no-first-run',
-];
-const LOOPBACK = new Set(['127.0.0.1', 'localhost', '[::1]']);
-
-function readOptions() {
-  const { values } = parseArgs({
-    options: {
-      url: { type: 'string', default: process.env.LS_URL },
-      email: { type: 'string', default: process.env.LS_EMAIL },
-      password: { type: 'string', default: process.env.LS_PASSWORD },
-      project: { type: 'string' },
-      task: { type: 'string' },
-      screenshot: { type: 'string' },
-      'timeout-ms': { type: 'string', default: '60000' },
-      chromium: { type: 'string', default: process.env.CHROMIUM_PATH || '/usr/bin/chromium' },
-    },
-  });
-  const missing = ['url', 'email', 'password', 'project', 'task', 'screenshot'].filter((k) => !values[k]);
-  if (missing.length) throw new Error(`missing options: ${missing.join(', ')} (url/email/password may come from LS_URL/LS_EMAIL/LS_PASSWORD)`);
-  return { ...values, url: values.url.replace(/\/+$/, ''), timeout: Number(values['timeout-ms']) };
-}
+const { logIn, readOptions, runInBrowser } = require('./label_studio_page');
 
 async function openTask(opts, page, report) {
-  await page.goto(`${opts.url}/user/login/`);
-  await page.fill('input[name=email]', opts.email);
-  await page.fill('input[name=password]', opts.password);
-  await Promise.all([page.waitForURL((u) => !u.pathname.startsWith('/user/login')), page.click('button[type=submit]')]);
+  await logIn(opts, page);
 
   // The task's regions arrive with it; the outliner lists them once the image is drawn. Seen once with
   // LS 1.23.2: the editor came up without the task's predictions (the Data Manager's task list arrived after
@@ -73,39 +45,4 @@ async function openTask(opts, page, report) {
   await page.screenshot({ path: opts.screenshot });
 }
 
-async function main() {
-  let opts;
-  try {
-    opts = readOptions();
-  } catch (error) {
-    console.log(JSON.stringify({ ok: false, error: error.message }));
-    process.exit(2);
-  }
-  const report = { ok: false, screenshot: opts.screenshot, aborted_requests: [] };
-  const browser = await chromium.launch({ executablePath: opts.chromium, headless: true, args: CHROMIUM_ARGS });
-  try {
-    const context = await browser.newContext({ viewport: { width: 1400, height: 900 } });
-    context.setDefaultTimeout(opts.timeout);
-    // Nothing leaves the machine: Label Studio's pages must work from 127.0.0.1 alone.
-    await context.route('**/*', (route) => {
-      const host = new URL(route.request().url()).hostname;
-      if (LOOPBACK.has(host)) return route.continue();
-      report.aborted_requests.push(host);
-      return route.abort();
-    });
-    const page = await context.newPage();
-    try {
-      await openTask(opts, page, report);
-      report.ok = true;
-    } catch (error) {
-      report.error = error.message.split('\n')[0];
-      await page.screenshot({ path: opts.screenshot }).catch((e) => { report.screenshot_error = e.message; });
-    }
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(report));
-  process.exit(report.ok ? 0 : 1);
-}
-
-main();
+runInBrowser(() => readOptions(), openTask);
