@@ -31,7 +31,7 @@ from backend.labeling import UnsupportedConfig, scheme_from_config
 from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
 from backend.queues import connect
 from backend.redis_server import ensure_redis_url
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     args = parser.parse_args(argv)
-    app = create_app()
+    try:
+        app = create_app()
+    except SettingsError as error:
+        parser.exit(2, f"roi-backend: {error}\n")
     app.run(host=args.host, port=args.port, threaded=True)
 
 

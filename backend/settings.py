@@ -13,6 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
+class SettingsError(ValueError):
+    """An environment variable holds a value its setting cannot take."""
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
@@ -53,6 +57,18 @@ class Settings:
         def get(name: str, default: str = "") -> str:
             return env.get(name, default)
 
+        def number(name: str, kind: type[int] | type[float], default: float) -> int | float:
+            text = get(name, str(default))
+            try:
+                value = kind(text)
+            except ValueError:
+                raise SettingsError(
+                    f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}"
+                ) from None
+            if value < 0:
+                raise SettingsError(f"{name}={text!r} must not be negative")
+            return value
+
         root = get("ROI_LOCAL_FILES_ROOT")
         return cls(
             label_studio_url=(
@@ -65,15 +81,15 @@ class Settings:
             redis_data_dir=Path(get("ROI_REDIS_DIR", str(cls.redis_data_dir))),
             model_dir=Path(get("MODEL_DIR", str(cls.model_dir))),
             log_level=get("LOG_LEVEL", cls.log_level).upper(),
-            predict_timeout_s=float(get("ROI_PREDICT_TIMEOUT", str(cls.predict_timeout_s))),
-            inline_predict_tasks=int(get("ROI_INLINE_PREDICT_TASKS", str(cls.inline_predict_tasks))),
-            max_new_tokens=int(get("ROI_MAX_NEW_TOKENS", str(cls.max_new_tokens))),
+            predict_timeout_s=number("ROI_PREDICT_TIMEOUT", float, cls.predict_timeout_s),
+            inline_predict_tasks=number("ROI_INLINE_PREDICT_TASKS", int, cls.inline_predict_tasks),
+            max_new_tokens=number("ROI_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             image_allowed_hosts=_split(get("ROI_IMAGE_ALLOWED_HOSTS")),
             local_files_root=Path(root) if root else None,
-            image_max_bytes=int(get("ROI_IMAGE_MAX_BYTES", str(cls.image_max_bytes))),
-            image_max_pixels=int(get("ROI_IMAGE_MAX_PIXELS", str(cls.image_max_pixels))),
-            image_timeout_s=float(get("ROI_IMAGE_TIMEOUT", str(cls.image_timeout_s))),
-            train_every_annotations=int(get("ROI_TRAIN_EVERY", str(cls.train_every_annotations))),
+            image_max_bytes=number("ROI_IMAGE_MAX_BYTES", int, cls.image_max_bytes),
+            image_max_pixels=number("ROI_IMAGE_MAX_PIXELS", int, cls.image_max_pixels),
+            image_timeout_s=number("ROI_IMAGE_TIMEOUT", float, cls.image_timeout_s),
+            train_every_annotations=number("ROI_TRAIN_EVERY", int, cls.train_every_annotations),
             train_schedule=get("ROI_TRAIN_SCHEDULE"),
         )
 

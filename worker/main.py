@@ -25,7 +25,7 @@ from backend import heartbeats
 from backend.heartbeats import INTERVAL_S, live_workers
 from backend.queues import PRIORITY_ORDER, TRAIN, connect
 from backend.redis_server import recorded_url
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from worker.model_host import no_current_version_message
 from worker.registry import ModelRegistry
 
@@ -81,7 +81,11 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"roi-worker: {error}", file=sys.stderr)
+        return EXIT_REFUSED
     parser = build_parser(settings)
     args = parser.parse_args(argv)
     if args.healthcheck:
