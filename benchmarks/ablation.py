@@ -18,6 +18,7 @@ Takes about 16 minutes per variant on 2 CPU cores (two variants side by side at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -81,17 +82,19 @@ def main() -> None:
         if name == "full" and args.full_model:
             out = args.full_model
         else:
-            train(
-                TrainOptions(
-                    data=[train_world / "data.jsonl"],
-                    out=out,
-                    config_overrides=VARIANTS[name],
-                    save_every=args.steps,
-                    extra_vocabulary=vocabulary,
-                    seed=TRAIN_SEED,
-                    **{**RECIPE, "steps": args.steps},
+            # The Trainer prints its log lines on stdout; this script's stdout is its one JSON line.
+            with contextlib.redirect_stdout(sys.stderr):
+                train(
+                    TrainOptions(
+                        data=[train_world / "data.jsonl"],
+                        out=out,
+                        config_overrides=VARIANTS[name],
+                        save_every=args.steps,
+                        extra_vocabulary=vocabulary,
+                        seed=TRAIN_SEED,
+                        **{**RECIPE, "steps": args.steps},
+                    )
                 )
-            )
         metrics = evaluate(out, held_out_world / "data.jsonl")
         per_kind = metrics["per_kind"]
         results[name] = {
