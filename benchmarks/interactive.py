@@ -10,12 +10,13 @@ serving --model, default models/demo) on a project of synthetic images, then mea
   boxes in the same order (so its image-feature cache warms the same way as the worker's);
 - added: through Label Studio minus in-process, at p50 and p95. Target: at most 50 ms at p50;
 - where it goes: the same calls sent straight to the backend's /predict (Label Studio's share is the
-  difference), and the download of each image from Label Studio, which the worker does for every job;
+  difference), and the download of each image from Label Studio, which a job pays when the worker has
+  not fetched that image in the last minute (backend/images.py: RecentImages);
 - the same calls through Label Studio again, each on a new connection. `label-studio start` serves with
   Django's development server, which answers a request on a kept-alive connection about 40 ms late (its
   reply goes out in pieces, and TCP's delayed acknowledgement holds the last one); the labeling UI's
-  browser keeps connections alive, so the first figure is what an annotator waits with that server,
-  while a deployment behind nginx and uWSGI (Label Studio's Docker image) does not pay it.
+  browser keeps connections alive, so the first figure is what an annotator waits with that server;
+  Label Studio's Docker image serves with uWSGI instead.
 
 Both sides run torch on --threads threads (default 1: the worker, Label Studio and this process share the
 machine's cores). The JSON line also carries the machine's load average before and after, since other work
@@ -313,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
                     "backend_queue_worker_without_engine": round(
                         statistics.median(direct) - engine["p50"], 1
                     ),
-                    "of_which_image_download": round(statistics.median(fetches), 1),
                     "engine": engine["p50"],
                 },
                 "target_added_p50_ms": TARGET_ADDED_P50_MS,
