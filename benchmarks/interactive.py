@@ -12,11 +12,9 @@ serving --model, default models/demo) on a project of synthetic images, then mea
 - where it goes: the same calls sent straight to the backend's /predict (Label Studio's share is the
   difference), and the download of each image from Label Studio, which a job pays when the worker has
   not fetched that image in the last minute (backend/images.py: RecentImages);
-- the same calls through Label Studio again, each on a new connection. `label-studio start` serves with
-  Django's development server, which answers a request on a kept-alive connection about 40 ms late (its
-  reply goes out in pieces, and TCP's delayed acknowledgement holds the last one); the labeling UI's
-  browser keeps connections alive, so the first figure is what an annotator waits with that server;
-  Label Studio's Docker image serves with uWSGI instead.
+- the same calls through Label Studio again, each on a new connection: a check on the dev stack's fix
+  for Django's development server (devstack/label_studio_server.py), which without it answers every
+  request on a kept-alive connection about 40 ms late; the two figures should be close.
 
 Both sides run torch on --threads threads (default 1: the worker, Label Studio and this process share the
 machine's cores). The JSON line also carries the machine's load average before and after, since other work

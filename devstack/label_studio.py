@@ -186,9 +186,10 @@ class LabelStudio:
         """The environment for any `label-studio` command on this data dir (start, user, …)."""
         return _label_studio_env(self.data_dir, self.files_root)
 
-    def _executable(self) -> Path:
+    def _command(self) -> list[str]:
+        """`label-studio` through our launcher, in Label Studio's interpreter (label_studio_server.py: why)."""
         venv = self.venv or ensure_venv()
-        return venv / "bin" / "label-studio"
+        return [str(venv / "bin" / "python"), str(Path(__file__).with_name("label_studio_server.py"))]
 
     def start(self) -> LabelStudio:
         if self._process is not None:
@@ -200,7 +201,6 @@ class LabelStudio:
             json.dumps({"email": self.email, "password": self.password, "token": self.token})
         )
         self.port = self.port or free_port()
-        executable = self._executable()
         env = {
             **self.env(),
             "LABEL_STUDIO_USERNAME": self.email,
@@ -209,7 +209,15 @@ class LabelStudio:
             # The "hostname" LS sends to ML backends in /setup; set so that no inherited HOST changes it.
             "LABEL_STUDIO_HOST": self.url,
         }
-        argv = [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(self.port)]
+        argv = [
+            *self._command(),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
         if self._output is not None:
             sink = self._output
         else:
