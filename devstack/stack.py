@@ -128,7 +128,7 @@ class Stack:
             "LOG_LEVEL": "INFO",
             "HF_HUB_OFFLINE": "1",
             # One torch thread: on a small machine the worker shares its cores with Label Studio and the
-            # backend, and torch's threads then wait on each other at every operation (see README).
+            # backend, and torch's threads then wait on each other at every operation.
             "OMP_NUM_THREADS": "1",
             **self.extra_env,
         }
