@@ -316,6 +316,7 @@ def train(options: TrainOptions) -> dict:
     records = read_records(options.data)
     eval_records = read_records([options.eval_data])[: options.eval_records] if options.eval_data else None
     model, processor = prepare_model(options, records + (eval_records or []))
+    torch.manual_seed(options.seed)  # LoRA adapters start random: the same seed gives the same run
     model = apply_stage(model, options)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage %s: %d trainable parameters", options.stage, trainable)
@@ -383,6 +384,13 @@ def train(options: TrainOptions) -> dict:
     summary["options"]["data"] = [str(path) for path in options.data]
     summary["options"].pop("on_log")
     (options.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if not options.keep_checkpoints:
+    if summary["steps"] < options.steps:
+        logger.warning(
+            "stopped at step %d of %d; the checkpoints stay in %s for --resume",
+            summary["steps"],
+            options.steps,
+            checkpoints,
+        )
+    elif not options.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
