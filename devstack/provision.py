@@ -29,7 +29,7 @@ from pathlib import Path
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.ls_client import JSON, LabelStudioClient, LabelStudioError, error_message
-from roi_model.synthetic import WORLD_VERSION, generate_world
+from roi_model.synthetic import WORLD_VERSION, generate_world, label_studio_rectangle
 from worker.registry import CARD_FILE, VERSION_NAME, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -151,26 +151,8 @@ def world_records(world: Path) -> dict[str, JSON]:
 
 def drawn_rectangle(record: JSON, index: int, region_id: str) -> JSON:
     """The record's index-th object boxed as the labeling UI sends a freshly drawn rectangle."""
-    x1, y1, x2, y2 = record["regions"][index]
-    width, height = record["width"], record["height"]
-    return {
-        "id": region_id,
-        "from_name": "label",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "origin": "manual",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "x": x1 / width * 100,
-            "y": y1 / height * 100,
-            "width": (x2 - x1) / width * 100,
-            "height": (y2 - y1) / height * 100,
-            "rotation": 0,
-            "rectanglelabels": ["Object"],
-        },
-    }
+    rectangle = label_studio_rectangle(record["regions"][index], record["width"], record["height"], region_id)
+    return {**rectangle, "origin": "manual"}
 
 
 @contextmanager

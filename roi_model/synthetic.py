@@ -456,6 +456,37 @@ def _question(
     return QUESTION_TEMPLATES["larger"].format(a=tag(a), b=tag(b)), tag(large).strip("<>")
 
 
+def label_studio_rectangle(
+    box: Sequence[float],
+    width: int,
+    height: int,
+    region_id: str,
+    *,
+    from_name: str = "label",
+    to_name: str = "image",
+    rectangle_label: str = "Object",
+) -> dict:
+    """A pixel box [x1, y1, x2, y2] on a width x height image as a Label Studio rectangle result."""
+    x1, y1, x2, y2 = box
+    return {
+        "id": region_id,
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {
+            "x": x1 / width * 100,
+            "y": y1 / height * 100,
+            "width": (x2 - x1) / width * 100,
+            "height": (y2 - y1) / height * 100,
+            "rotation": 0,
+            "rectanglelabels": [rectangle_label],
+        },
+    }
+
+
 def _label_studio_task(
     record: Mapping,
     image_url: str,
@@ -465,26 +496,17 @@ def _label_studio_task(
     to_name: str,
     rectangle_label: str,
 ) -> dict:
-    width, height = record["width"], record["height"]
     result = [
-        {
-            "id": f"s{seed}i{index}r{k + 1}",
-            "from_name": from_name,
-            "to_name": to_name,
-            "type": "rectanglelabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {
-                "x": x1 / width * 100,
-                "y": y1 / height * 100,
-                "width": (x2 - x1) / width * 100,
-                "height": (y2 - y1) / height * 100,
-                "rotation": 0,
-                "rectanglelabels": [rectangle_label],
-            },
-        }
-        for k, (x1, y1, x2, y2) in enumerate(record["regions"])
+        label_studio_rectangle(
+            box,
+            record["width"],
+            record["height"],
+            f"s{seed}i{index}r{k + 1}",
+            from_name=from_name,
+            to_name=to_name,
+            rectangle_label=rectangle_label,
+        )
+        for k, box in enumerate(record["regions"])
     ]
     return {
         "data": {"image": image_url, "record_id": record["id"]},
