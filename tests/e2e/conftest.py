@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -36,6 +38,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 DEMO_MODEL = REPO_ROOT / "models" / "demo"
 SCREENSHOTS = REPO_ROOT / "labeling_configs" / "screenshots"
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float, message: str, poll_s: float = 0.2) -> T:
+    """Poll `condition` until it returns something truthy (returned); fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{message} not met within {timeout_s:g} s")
+        time.sleep(poll_s)
+    return value
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -8,10 +8,7 @@ trained demo model (models/demo); with the tiny stand-in they fail and say so, w
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from rq.job import Job
@@ -32,7 +29,7 @@ from devstack.provision import (
 )
 from devstack.stack import Stack
 from roi_model.synthetic import QUESTION_TEMPLATES, format_caption
-from tests.e2e.conftest import ServedModel, require_demo_model, run_draw_box, run_open_task
+from tests.e2e.conftest import ServedModel, require_demo_model, run_draw_box, run_open_task, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "labeling_configs"
@@ -43,7 +40,6 @@ CAPTION_TASKS, CAPTION_SEED = 12, 11
 CONFIG_TASKS, CONFIG_SEED = 3, 12
 REASONING_QUESTION = QUESTION_TEMPLATES["left"].format(a="<region1>", b="<region2>")
 TYPED_QUESTION = QUESTION_TEMPLATES["colour"].format(a="<region1>")
-T = TypeVar("T")
 _REGION_NUMBER = re.compile(r"r(\d+)$")  # synthetic region ids end in r<K>: the K-th region of the record
 
 
@@ -59,16 +55,6 @@ def true_caption(record: JSON, region_id: str) -> str:
     """The caption of the object a synthetic region id names."""
     number = int(_REGION_NUMBER.search(region_id).group(1))
     return format_caption(**record["objects"][number - 1])
-
-
-def wait_until(condition: Callable[[], T], timeout_s: float, message: str) -> T:
-    """Poll `condition` until it returns something truthy (returned); fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} not met within {timeout_s:g} s")
-        time.sleep(0.2)
-    return value
 
 
 def _aspect(record: JSON) -> float:

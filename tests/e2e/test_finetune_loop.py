@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from rq.job import Job
@@ -33,7 +30,7 @@ from devstack.provision import (
 )
 from devstack.stack import LogLines, Stack
 from roi_model.synthetic import format_caption
-from tests.e2e.conftest import DEMO_MODEL
+from tests.e2e.conftest import DEMO_MODEL, wait_until
 from worker.registry import ModelRegistry
 
 CONFIG = (Path(__file__).resolve().parents[2] / "labeling_configs" / "region_captioning.xml").read_text()
@@ -41,17 +38,7 @@ NEW_VALUE = "purple"
 TEACH_IMAGES, TEACH_SEED = 60, 21
 MEASURE_IMAGES, MEASURE_SEED = 60, 22
 TRAINING_TIMEOUT_S = 900
-T = TypeVar("T")
 _REGION_NUMBER = re.compile(r"r(\d+)$")  # synthetic region ids end in r<K>: the K-th object of the record
-
-
-def wait_until(condition: Callable[[], T], timeout_s: float, message: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} not met within {timeout_s:g} s")
-        time.sleep(1.0)
-    return value
 
 
 def region_object(records: dict[str, JSON], task: JSON, region_id: str) -> JSON:
