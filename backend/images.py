@@ -10,17 +10,20 @@ untrusted (reliability.md §2.4, §3). Where an image may come from:
 * Label Studio itself: relative URLs (`/data/upload/...`, `/data/local-files/?d=...`, other `/data/...`),
   fetched from settings.label_studio_url with the API key. A legacy token is sent as `Token <key>`; a
   personal access token (a JWT refresh token) is exchanged at /api/token/refresh/ for a short-lived access
-  token sent as `Bearer`, cached until shortly before it expires. The key goes to Label Studio's own origin
-  only, never to another host, and is never logged.
+  token sent as `Bearer`, cached until shortly before it expires. The key goes to Label Studio's exact
+  origin and its media paths only (backend/url_policy.py decides, on the request as it will be sent),
+  never to another host, and is never logged.
 * Cloud storage URIs (`s3://`, `gs://`, `azure-blob://`): through Label Studio's presign endpoint, which
   redirects to a signed URL; that URL's host must be allowed like any other.
 * Absolute http(s) URLs: only when the host is in settings.image_allowed_hosts (ROI_IMAGE_ALLOWED_HOSTS,
-  entries "host" or "host:port"); Label Studio's own host and port are always allowed.
+  entries "host" or "host:port", matched exactly); Label Studio's own origin is always allowed. URLs with
+  backslashes or user info are refused (backend/url_policy.py).
 * Local files (plain paths, relative ones taken from the root, or file:// URLs): only inside
   settings.local_files_root (ROI_LOCAL_FILES_ROOT), after resolving symlinks and `..`.
 
 Limits: at most image_max_bytes, counted while streaming; image_timeout_s for connecting, for each read, and
-for the whole download; at most 3 redirects, each checked again; image_max_pixels checked from the header
+for the whole download from connect to last byte, redirects included (backend/deadline_http.py: a server
+trickling its headers or body is cut off); at most 3 redirects, each checked again; image_max_pixels checked from the header
 before decoding, and Pillow's decompression-bomb warning treated as an error; only formats a browser shows
 (Label Studio displays the image the boxes were drawn on). The result is the first frame, EXIF orientation
 applied (box coordinates refer to the displayed image, DESIGN.md), in RGB; transparency is composited onto
@@ -47,14 +50,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
 import jwt
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend.deadline_http import Deadline, deadline_session
 from backend.settings import Settings
+from backend.url_policy import Target, UrlRefused, check_target, refuse_ambiguous
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +209,8 @@ def decode_image(data: bytes, *, url: str, settings: Settings) -> Image.Image:
 
 
 def image_session() -> requests.Session:
-    """A session for fetch_image_bytes: it takes no proxies or .netrc credentials from the environment."""
-    session = requests.Session()
-    session.trust_env = False
-    return session
+    """A session for fetch_image_bytes: no proxies or .netrc from the environment, downloads under a deadline."""
+    return deadline_session()
 
 
 def image_digest(image: Image.Image) -> str:
@@ -272,7 +275,8 @@ def _download(url: str, task_id: int | None, settings: Settings, session: reques
     if own_session:
         session = image_session()
     try:
-        return _follow(url, target, settings, session)
+        with Deadline(settings.image_timeout_s) as deadline:
+            return _follow(url, target, settings, session, deadline)
     finally:
         if own_session:
             session.close()
@@ -295,26 +299,29 @@ def _http_target(url: str, task_id: int | None, settings: Settings) -> str:
     raise ImageRejected(url, f"unsupported URL scheme {scheme!r}")
 
 
-def _follow(url: str, target: str, settings: Settings, session: requests.Session) -> bytes:
+def _follow(
+    url: str, target: str, settings: Settings, session: requests.Session, deadline: Deadline
+) -> bytes:
     timeout = settings.image_timeout_s
-    deadline = time.monotonic() + timeout
     for hop in range(MAX_REDIRECTS + 1):
-        parts = _check_allowed(url, target, settings, redirected=hop > 0)
-        headers = {"Accept-Encoding": "identity", **_auth_headers(parts, url, settings, session)}
-        log.debug("fetching image %s from %s", url, _without_query(parts))
+        request, checked = _checked_request(url, target, settings, session, redirected=hop > 0)
+        where = f"{checked.origin}{checked.path}"
+        if checked.label_studio:
+            request.headers.update(_auth_headers(url, settings, session))
+        log.debug("fetching image %s from %s", url, where)
         try:
-            response = session.get(
-                target, headers=headers, stream=True, allow_redirects=False, timeout=(timeout, timeout)
-            )
+            response = session.send(request, stream=True, allow_redirects=False, timeout=(timeout, timeout))
         except requests.Timeout:
-            raise ImageUnavailable(url, f"{parts.netloc} did not answer within {timeout:g} s") from None
+            raise ImageUnavailable(url, f"{checked.origin} did not answer within {timeout:g} s") from None
         except requests.RequestException as error:
+            if deadline.expired:
+                raise ImageUnavailable(url, f"{checked.origin} did not answer within {timeout:g} s") from None
             raise ImageUnavailable(
-                url, f"cannot connect to {parts.netloc} ({type(error).__name__})"
+                url, f"cannot connect to {checked.origin} ({type(error).__name__})"
             ) from None
         with response:
             if response.is_redirect:
-                target = urljoin(target, response.headers["Location"])
+                target = urljoin(request.url, response.headers["Location"])
                 continue
             if response.status_code != 200:
                 failure = (
@@ -322,31 +329,31 @@ def _follow(url: str, target: str, settings: Settings, session: requests.Session
                     if response.status_code == 429 or response.status_code >= 500
                     else ImageRejected
                 )
-                raise failure(url, f"HTTP {response.status_code} from {_without_query(parts)}")
+                raise failure(url, f"HTTP {response.status_code} from {where}")
             return _read_capped(response, url, settings, deadline)
     raise ImageRejected(url, f"more than {MAX_REDIRECTS} redirects")
 
 
-def _check_allowed(url: str, target: str, settings: Settings, *, redirected: bool) -> SplitResult:
-    parts = urlsplit(target)
-    where = f"redirect to {_without_query(parts)}: " if redirected else ""
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ImageRejected(url, f"{where}unsupported URL scheme {parts.scheme!r}")
+def _checked_request(
+    url: str, target: str, settings: Settings, session: requests.Session, *, redirected: bool
+) -> tuple[requests.PreparedRequest, Target]:
+    """The request exactly as it will be sent, and where it goes; ImageRejected unless it may go there."""
+    where = f"redirect to {_without_query(target)}: " if redirected else ""
     try:
-        host, port = (parts.hostname or ""), parts.port
-    except ValueError:
-        raise ImageRejected(url, f"{where}invalid port in {parts.netloc!r}") from None
-    if not host:
-        raise ImageRejected(url, f"{where}the URL has no host")
-    if _same_origin(parts, urlsplit(settings.label_studio_url)):
-        return parts
-    allowed = {entry.lower() for entry in settings.image_allowed_hosts}
-    if host in allowed or (port is not None and f"{host}:{port}" in allowed):
-        return parts
-    raise ImageRejected(url, f"{where}host {host!r} is not in ROI_IMAGE_ALLOWED_HOSTS")
+        refuse_ambiguous(target)
+        try:
+            request = session.prepare_request(
+                requests.Request("GET", target, headers={"Accept-Encoding": "identity"})
+            )
+        except (requests.RequestException, ValueError) as error:
+            raise UrlRefused(f"not a valid URL ({error})") from None
+        checked = check_target(request.url, settings.label_studio_url, settings.image_allowed_hosts)
+    except UrlRefused as refusal:
+        raise ImageRejected(url, f"{where}{refusal}") from None
+    return request, checked
 
 
-def _read_capped(response: requests.Response, url: str, settings: Settings, deadline: float) -> bytes:
+def _read_capped(response: requests.Response, url: str, settings: Settings, deadline: Deadline) -> bytes:
     limit = settings.image_max_bytes
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -357,23 +364,21 @@ def _read_capped(response: requests.Response, url: str, settings: Settings, dead
             body += chunk
             if len(body) > limit:
                 raise ImageRejected(url, f"the body is larger than ROI_IMAGE_MAX_BYTES={limit}")
-            if time.monotonic() > deadline:
-                raise ImageUnavailable(url, f"the download took longer than {settings.image_timeout_s:g} s")
     except requests.RequestException as error:  # read timeouts surface here as ConnectionError
+        if deadline.expired:
+            raise ImageUnavailable(
+                url, f"the download took longer than {settings.image_timeout_s:g} s"
+            ) from None
         raise ImageUnavailable(url, f"the download broke off ({type(error).__name__})") from None
+    if deadline.expired:
+        # The timer shut the socket between two reads: what arrived may be a cut-off body.
+        raise ImageUnavailable(url, f"the download took longer than {settings.image_timeout_s:g} s")
     return bytes(body)
 
 
-def _same_origin(a: SplitResult, b: SplitResult) -> bool:
-    return (a.scheme.lower(), a.hostname, _port(a)) == (b.scheme.lower(), b.hostname, _port(b))
-
-
-def _port(parts: SplitResult) -> int | None:
-    return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-
-
-def _without_query(parts: SplitResult) -> str:
+def _without_query(url: str) -> str:
     """A URL fit for messages and logs: signed URLs carry credentials in their query."""
+    parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
@@ -435,11 +440,10 @@ class _AccessTokens:
 _access_tokens = _AccessTokens()
 
 
-def _auth_headers(
-    parts: SplitResult, url: str, settings: Settings, session: requests.Session
-) -> dict[str, str]:
+def _auth_headers(url: str, settings: Settings, session: requests.Session) -> dict[str, str]:
+    """Label Studio's credentials: for requests that url_policy found to go to its exact origin only."""
     key = settings.label_studio_api_key
-    if not key or not _same_origin(parts, urlsplit(settings.label_studio_url)):
+    if not key:
         return {}
     if _is_jwt(key):
         return {"Authorization": f"Bearer {_access_tokens.get(url, settings, session)}"}

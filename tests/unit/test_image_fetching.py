@@ -694,3 +694,190 @@ def test_the_digest_depends_on_the_pixels_not_the_file_format():
     assert image_digest(from_png) == image_digest(from_bmp) == image_digest(picture)
     assert image_digest(changed) != image_digest(picture)
     assert image_digest(picture.resize((48, 64))) != image_digest(picture)
+
+
+# --- attacks: where a request may go, and what it may carry ---------------------------------------------
+
+
+@pytest.fixture
+def canary() -> Iterator[RecordingServer]:
+    """A server nothing may ever reach."""
+    server = RecordingServer("127.0.0.1")
+    yield server
+    server.close()
+
+
+def port_of(server: RecordingServer) -> int:
+    return server.httpd.server_address[1]
+
+
+def test_a_backslash_before_an_at_sign_never_reaches_the_host_before_it(label_studio, canary, settings):
+    # urllib.parse reads Label Studio's host after the "@"; requests would connect to the canary before "\".
+    url = f"http://127.0.0.1:{port_of(canary)}\\@127.0.0.1:{port_of(label_studio)}/data/upload/3/a.png"
+
+    with pytest.raises(ImageRejected, match="backslash"):
+        load_image(url, task_id=17, settings=settings)
+
+    assert canary.requests == []
+    assert label_studio.requests == []
+
+
+def test_a_redirect_through_an_allowed_host_to_a_backslash_url_is_refused(
+    label_studio, other_host, canary, settings
+):
+    attack = f"http://127.0.0.1:{port_of(canary)}\\@127.0.0.1:{port_of(label_studio)}/data/upload/3/a.png"
+    other_host.redirect("/bounce.png", attack)
+
+    with pytest.raises(ImageRejected, match=r"redirect to .*backslash"):
+        load_image(f"{other_host.url}/bounce.png", task_id=17, settings=settings)
+
+    assert canary.requests == []
+    assert label_studio.requests == []
+
+
+@pytest.mark.parametrize(
+    "userinfo",
+    ["user@", "user:pass@", "127.0.0.1%3A1@", "localhost:1%5C@"],
+    ids=["user", "pass", "enc", "bs"],
+)
+def test_user_info_is_refused_before_any_request(other_host, settings, files, userinfo):
+    other_host.serve("/b.png", files["png"])
+    url = f"http://{userinfo}localhost:{port_of(other_host)}/b.png"
+
+    with pytest.raises(ImageRejected, match="user info"):
+        load_image(url, task_id=17, settings=settings)
+    assert other_host.requests == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/data/upload/../../api/projects/",
+        "/data/../api/current-user/whoami",
+        "/data/upload/%2e%2e/%2e%2e/api/projects/",
+        "/data/upload/..%2f..%2fapi/projects/",
+    ],
+)
+def test_relative_urls_stay_on_label_studio_media_paths(label_studio, settings, path):
+    with pytest.raises(ImageRejected, match="not a Label Studio media path"):
+        load_image(path, task_id=17, settings=settings)
+    assert label_studio.requests == []
+
+
+def test_an_absolute_url_to_the_label_studio_api_is_refused(label_studio, settings):
+    with pytest.raises(ImageRejected, match="not a Label Studio media path"):
+        load_image(f"{label_studio.url}/api/projects/", task_id=17, settings=settings)
+    assert label_studio.requests == []
+
+
+def test_credentials_go_to_label_studios_exact_origin_only(label_studio, canary, settings, files):
+    # Same host as Label Studio, another port, allowed as a plain image host: it gets no token.
+    canary.serve("/data/upload/3/a.png", files["png"])
+    settings = dataclasses.replace(settings, image_allowed_hosts=("127.0.0.1",))
+
+    load_image(f"{canary.url}/data/upload/3/a.png", task_id=17, settings=settings)
+    load_image(f"{label_studio.url}/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert "Authorization" not in canary.headers_for("/data/upload/3/a.png")[0]
+    assert label_studio.headers_for("/data/upload/3/a.png")[0]["Authorization"] == f"Token {LEGACY_KEY}"
+
+
+def test_a_redirect_from_label_studio_to_an_allowed_host_drops_the_token(
+    label_studio, other_host, settings, files
+):
+    other_host.serve("/b.png", files["png"])
+    label_studio.redirect("/data/upload/3/elsewhere.png", f"{other_host.url}/b.png")
+
+    load_image("/data/upload/3/elsewhere.png", task_id=17, settings=settings)
+
+    assert label_studio.headers_for("/data/upload/3/elsewhere.png")[0]["Authorization"]
+    assert "Authorization" not in other_host.headers_for("/b.png")[0]
+
+
+@pytest.mark.parametrize(
+    "host", ["xlocalhost", "localhost.evil.test", "evil-localhost", "localhos"], ids=lambda h: h
+)
+def test_look_alike_hosts_are_not_allowed(settings, host):
+    # Refused before any name lookup: none of these resolves here, and none may be tried.
+    with pytest.raises(ImageRejected, match=f"host '{host}' is not in ROI_IMAGE_ALLOWED_HOSTS"):
+        load_image(f"http://{host}:1/b.png", task_id=17, settings=settings)
+
+
+def test_allowed_hosts_compare_without_letter_case(other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+
+    image = load_image(f"http://LocalHost:{port_of(other_host)}/b.png", task_id=17, settings=settings)
+
+    assert image.size == (64, 48)
+
+
+def test_a_host_port_entry_allows_that_port_only(other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+    settings = dataclasses.replace(settings, image_allowed_hosts=(f"localhost:{port_of(other_host) + 1}",))
+
+    with pytest.raises(ImageRejected, match="not in ROI_IMAGE_ALLOWED_HOSTS"):
+        load_image(f"{other_host.url}/b.png", task_id=17, settings=settings)
+    assert other_host.requests == []
+
+
+class TrickleServer:
+    """Answers every connection one byte at a time, `interval_s` apart: its headers, or headers then a body."""
+
+    def __init__(self, *, trickle_headers: bool, interval_s: float = 0.05, total_s: float = 120.0) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://localhost:{self.listener.getsockname()[1]}"
+        self.trickle_headers = trickle_headers
+        self.interval_s = interval_s
+        self.total_s = total_s
+        self.stopped = threading.Event()
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
+
+    def _trickle(self, connection) -> None:
+        length = int(self.total_s / self.interval_s)
+        head = b"HTTP/1.1 200 OK\r\n"
+        if self.trickle_headers:
+            slow, fast = head + b"X-Slow: " + b"a" * length + b"\r\n\r\n", b""
+        else:
+            fast = head + f"Content-Length: {length}\r\n\r\n".encode()
+            slow = b"\x89PNG" + b"\x00" * length
+        with connection:
+            try:
+                connection.recv(65536)
+                connection.sendall(fast)
+                for byte in slow:
+                    if self.stopped.wait(self.interval_s):
+                        return
+                    connection.sendall(bytes([byte]))
+            except OSError:
+                return  # the client hung up: what we want
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("trickle_headers", [False, True], ids=["body", "headers"])
+def test_a_trickling_server_is_cut_off_at_the_timeout(settings, trickle_headers):
+    server = TrickleServer(trickle_headers=trickle_headers)  # would take 120 s; every byte within 0.05 s
+    settings = dataclasses.replace(settings, image_timeout_s=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ImageUnavailable, match=r"(took longer than|did not answer within) 1 s"):
+            load_image(f"{server.url}/slow.png", task_id=17, settings=settings)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert server.connections == 1
+    assert elapsed < 30, f"held {elapsed:.1f} s by a server that sends a byte every 0.05 s"
