@@ -17,8 +17,9 @@ from pathlib import Path
 import requests
 
 from backend.atomic_files import write_bytes_atomically
-from backend.images import BROWSER_FORMATS, decode_image, fetch_image_bytes, image_format
+from backend.images import decode_image, fetch_image_bytes
 from backend.settings import Settings
+from roi_contract.images import BROWSER_FORMATS, image_format
 
 IMAGES_DIR = "images"
 

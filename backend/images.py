@@ -41,34 +41,29 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import threading
 import time
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
 import jwt
 import requests
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from backend.deadline_http import Deadline, deadline_session
 from backend.settings import Settings
 from backend.url_policy import Target, UrlRefused, check_target, refuse_ambiguous
+from roi_contract.images import TooManyPixels, UndecodableImage, decode_displayed
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 LABEL_STUDIO_PREFIXES = ("/data/", "/storage-data/")
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-# Pillow's format name -> the usual file extension, for the formats a browser shows: Label Studio displayed
-# the image the boxes were drawn on, so nothing else is accepted.
-BROWSER_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "AVIF": "avif"}
 # Refresh an access token this long before Label Studio would stop accepting it.
 TOKEN_EXPIRY_MARGIN_S = 30.0
 _CHUNK_BYTES = 64 * 1024
@@ -192,39 +187,22 @@ def fetch_image_bytes(
 
 
 def decode_image(data: bytes, *, url: str, settings: Settings) -> Image.Image:
-    """`data` decoded as RGB, EXIF orientation applied, first frame only; `url` names it in errors."""
-    # The warning filter is process-wide while it is set; callers (a worker, an export) decode on one thread.
-    with warnings.catch_warnings(), _decoding(url):
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data), formats=_decodable_formats())  # reads the header only
-        width, height = image.size
-        if width * height > settings.image_max_pixels:
-            raise ImageRejected(
-                url,
-                f"{width}x{height} is {width * height} pixels, more than ROI_IMAGE_MAX_PIXELS={settings.image_max_pixels}",
-            )
-        image.load()  # the first frame; errors of the lazily opened image surface here
-        displayed = ImageOps.exif_transpose(image)
-    return _to_rgb(displayed)
+    """`data` decoded as displayed (roi_contract.images, the decoder training uses too); `url` names it in errors."""
+    try:
+        return decode_displayed(data, max_pixels=settings.image_max_pixels)
+    except TooManyPixels as error:
+        pixels = error.width * error.height
+        raise ImageRejected(
+            url,
+            f"{error.width}x{error.height} is {pixels} pixels, more than ROI_IMAGE_MAX_PIXELS={error.limit}",
+        ) from None
+    except UndecodableImage as error:
+        raise ImageRejected(url, error.problem) from None
 
 
 def image_session() -> requests.Session:
     """A session for fetch_image_bytes: no proxies or .netrc from the environment, downloads under a deadline."""
     return deadline_session()
-
-
-def image_digest(image: Image.Image) -> str:
-    """sha256 of the size and the RGB pixels: the same picture gives the same key, whatever its file format."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    return digest.hexdigest()
-
-
-def image_format(data: bytes) -> str:
-    """Pillow's name for the format of image bytes that decode_image accepted (a key of BROWSER_FORMATS)."""
-    with Image.open(io.BytesIO(data), formats=_decodable_formats()) as image:
-        return image.format
 
 
 # --- where the bytes come from -------------------------------------------------------------------------
@@ -456,39 +434,3 @@ def _is_jwt(key: str) -> bool:
     except jwt.PyJWTError:
         return False
     return True
-
-
-# --- decoding ------------------------------------------------------------------------------------------
-
-
-def _decodable_formats() -> tuple[str, ...]:
-    # Pillow registers most plugins lazily: without init() a fresh process would see none, and an empty
-    # list must not mean "any format" (EPS, for one, runs Ghostscript).
-    Image.init()
-    return tuple(name for name in BROWSER_FORMATS if name in Image.OPEN)
-
-
-@contextmanager
-def _decoding(url: str) -> Iterator[None]:
-    """Turn whatever a decoder raises on untrusted bytes into ImageRejected."""
-    try:
-        yield
-    except (ImageRejected, MemoryError):
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageRejected(url, f"decompression bomb ({error})") from None
-    except UnidentifiedImageError:
-        raise ImageRejected(
-            url, f"not an image in a supported format ({', '.join(BROWSER_FORMATS)})"
-        ) from None
-    except Exception as error:  # OSError "image file is truncated", SyntaxError, struct.error, ...
-        raise ImageRejected(url, f"broken image data ({type(error).__name__}: {error})") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")

@@ -8,15 +8,16 @@ character offsets turn the template's target segments into the loss mask.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from roi_contract.images import decode_displayed, displayed
 
 from .configuration import RegionLLMConfig
 from .prompts import (
@@ -50,21 +51,11 @@ class TrainingExample:
 
 
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
-    """An RGB image as displayed: EXIF orientation applied. Raises ValueError naming the problem."""
+    """The image as displayed (roi_contract.images: the decoder serving uses too). ValueError names a problem."""
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        if not data:
-            raise ValueError("image is empty (0 bytes)")
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"image is unreadable: {error}") from error
-    if image.width == 0 or image.height == 0:
-        raise ValueError("image is empty (zero width or height)")
-    return ImageOps.exif_transpose(image).convert("RGB")
+        return displayed(source)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return decode_displayed(data)
 
 
 def check_boxes(boxes: Sequence[Box]) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""One decoder for serving and training: the worker's fetch path and the training path see the same pixels."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from backend.images import decode_image
+from backend.settings import Settings
+from roi_contract.images import UndecodableImage, decode_displayed
+from roi_model.processing import load_image
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def half_transparent_red() -> Image.Image:
+    image = Image.new("RGBA", (8, 8), (200, 30, 30, 255))
+    image.paste((200, 30, 30, 0), (0, 0, 4, 8))  # left half: red, but fully transparent
+    return image
+
+
+def palette_with_transparency() -> Image.Image:
+    image = Image.new("P", (8, 8), 1)
+    image.putpalette([0, 0, 255] + [0, 255, 0] + [0, 0, 0] * 254)
+    image.paste(0, (0, 0, 4, 8))
+    image.info["transparency"] = 0
+    return image
+
+
+def rotated_jpeg() -> bytes:
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90° clockwise
+    return encoded(stored, "JPEG", exif=exif, quality=95)
+
+
+CASES = {
+    "transparent RGBA PNG": encoded(half_transparent_red(), "PNG"),
+    "palette PNG with a transparent index": encoded(palette_with_transparency(), "PNG"),
+    "LA PNG": encoded(Image.new("LA", (6, 6), (90, 0)), "PNG"),
+    "EXIF-rotated JPEG": rotated_jpeg(),
+    "WebP with alpha": encoded(half_transparent_red(), "WEBP", lossless=True),
+}
+
+
+@pytest.mark.parametrize("data", CASES.values(), ids=CASES.keys())
+def test_serving_and_training_decode_the_same_pixels(data, tmp_path):
+    path = tmp_path / "image"
+    path.write_bytes(data)
+
+    served = decode_image(data, url="test", settings=Settings())
+    trained = load_image(path)
+
+    assert served.mode == trained.mode == "RGB"
+    assert served.size == trained.size
+    assert served.tobytes() == trained.tobytes()
+
+
+def test_a_transparent_pixel_is_white_on_both_paths(tmp_path):
+    path = tmp_path / "red.png"
+    path.write_bytes(CASES["transparent RGBA PNG"])
+
+    assert decode_image(path.read_bytes(), url="test", settings=Settings()).getpixel((1, 1)) == (
+        255,
+        255,
+        255,
+    )
+    assert load_image(path).getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(path).getpixel((6, 1)) == (200, 30, 30)
+
+
+def test_an_opened_image_is_treated_like_its_bytes():
+    image = Image.open(io.BytesIO(CASES["EXIF-rotated JPEG"]))
+
+    assert load_image(image).size == (20, 40)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [(b"", "empty"), (b"<html>login</html>", "not an image"), (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not an image")],
+)
+def test_undecodable_bytes_name_the_problem(data, problem):
+    with pytest.raises(UndecodableImage, match=problem):
+        decode_displayed(data)
