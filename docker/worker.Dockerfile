@@ -14,6 +14,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY roi_contract roi_contract
 COPY backend backend
 COPY worker worker
 COPY roi_model roi_model

@@ -335,8 +335,8 @@ def test_bad_input_raises_a_clear_message(tiny, boxes, question, message):
     ("data", "message"),
     [
         (b"", "image is empty"),
-        (b"this is not an image", "image is unreadable"),
-        (png_bytes(noise_image(40, 40))[:60], "image is unreadable"),
+        (b"this is not an image", "not an image in a supported format"),
+        (png_bytes(noise_image(40, 40))[:60], "broken image data"),
     ],
 )
 def test_bad_images_raise_a_clear_message(data, message):
