@@ -29,8 +29,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 from backend import heartbeats, project_state, webhooks
 from backend.labeling import UnsupportedConfig, scheme_from_config
 from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
-from backend.queues import connect
-from backend.redis_server import ensure_redis_url
+from backend.queues import connect, redis_url
 from backend.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,8 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
     job_names = job_names or JobNames()
     _configure_logging(settings.log_level)
 
-    redis_url = ensure_redis_url(settings)
     fast = redis.Redis.from_url(
-        redis_url,
+        redis_url(settings),
         socket_connect_timeout=FAST_CONNECT_TIMEOUT_S,
         socket_timeout=FAST_SOCKET_TIMEOUT_S,
         retry=None,

@@ -33,8 +33,7 @@ from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from backend.redis_server import ensure_redis_url
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +115,25 @@ def spec(queue_name: str) -> QueueSpec:
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A Redis client for RQ: bytes responses, bounded socket waits, retries across a short Redis outage.
-
-    Without REDIS_URL this starts (or reuses) the development Redis, see backend.redis_server.
-    """
+    """A Redis client for RQ: bytes responses, bounded socket waits, retries across a short Redis outage."""
     return redis.Redis.from_url(
-        ensure_redis_url(settings),
+        redis_url(settings),
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=5.0,
         health_check_interval=30,
         # About 10 s of reconnect attempts: enough for a Redis restart, short enough for a waiting person.
         retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=8),
     )
+
+
+def redis_url(settings: Settings) -> str:
+    """REDIS_URL; SettingsError when it is not set (nothing here starts a Redis)."""
+    if not settings.redis_url:
+        raise SettingsError(
+            "REDIS_URL is not set: point it at your Redis (for development: python -m devstack.redis_server, "
+            "or make demo, which starts everything)"
+        )
+    return settings.redis_url
 
 
 def get_queue(name: str, connection: redis.Redis) -> Queue:

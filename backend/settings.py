@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -29,9 +29,8 @@ class Settings:
     # Basic auth that Label Studio must send to us; enforced only when both are set.
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
-    # Redis: unset means "start (or reuse) an embedded redis-server" for development.
+    # Redis of the queues; required by the backend and the worker (devstack starts one for development).
     redis_url: str = ""
-    redis_data_dir: Path = Path(".cache/redis")
     # Model registry: $MODEL_DIR/versions/<version>/ plus $MODEL_DIR/current.
     model_dir: Path = Path(".cache/models")
     log_level: str = "WARNING"
@@ -78,7 +77,6 @@ class Settings:
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
             redis_url=get("REDIS_URL"),
-            redis_data_dir=Path(get("ROI_REDIS_DIR", str(cls.redis_data_dir))),
             model_dir=Path(get("MODEL_DIR", str(cls.model_dir))),
             log_level=get("LOG_LEVEL", cls.log_level).upper(),
             predict_timeout_s=number("ROI_PREDICT_TIMEOUT", float, cls.predict_timeout_s),
@@ -92,11 +90,3 @@ class Settings:
             train_every_annotations=number("ROI_TRAIN_EVERY", int, cls.train_every_annotations),
             train_schedule=get("ROI_TRAIN_SCHEDULE"),
         )
-
-    def as_dict(self) -> dict:
-        """For logs and /health: everything but secrets."""
-        hidden = {"label_studio_api_key", "basic_auth_pass"}
-        return {
-            f.name: ("***" if f.name in hidden and getattr(self, f.name) else str(getattr(self, f.name)))
-            for f in fields(self)
-        }

@@ -37,8 +37,8 @@ from PIL import Image
 
 from backend.heartbeats import live_workers
 from backend.queues import INTERACTIVE, connect, enqueue, wait_for_result
-from backend.redis_server import EmbeddedRedis
 from backend.settings import Settings
+from devstack.redis_server import EmbeddedRedis
 from roi_model.assembly import build_model, save_pretrained
 from roi_model.tiny import tiny_config, train_word_tokenizer
 from worker.registry import ModelRegistry
@@ -79,11 +79,12 @@ def prepare(root: Path) -> tuple[ModelRegistry, Path]:
 
 def in_process_latencies(registry: ModelRegistry, calls: int) -> list[float]:
     from worker.jobs import describe_regions
-    from worker.model_host import ModelHost, activate
+    from worker.model_host import ModelHost
+    from worker.process_context import WorkerContext, activate
 
     host = ModelHost(registry)
     host.load()
-    activate(host)
+    activate(WorkerContext(Settings.from_env(), host=host))
     try:
         for _ in range(10):
             describe_regions(request())
@@ -154,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         registry, files = prepare(root)
-        # describe_regions reads its settings from the environment, here as in a worker.
+        # The workers read their settings from the environment; the in-process run reads the same.
         os.environ["ROI_LOCAL_FILES_ROOT"] = str(files)
         progress(f"in-process: {args.latency_jobs} calls")
         local = in_process_latencies(registry, args.latency_jobs)

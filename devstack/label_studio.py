@@ -21,8 +21,8 @@ from pathlib import Path
 
 import requests
 
-from backend.redis_server import free_port
 from devstack.processes import ManagedProcess, ProcessFailed
+from devstack.redis_server import free_port
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import requests
 from rq import Worker
 
 from backend.ls_client import LabelStudioClient
-from backend.redis_server import EmbeddedRedis, free_port
 from devstack.label_studio import LabelStudio
 from devstack.processes import ManagedProcess, ProcessFailed, ProcessGroup
+from devstack.redis_server import EmbeddedRedis, free_port
 
 log = logging.getLogger(__name__)
 

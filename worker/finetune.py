@@ -27,11 +27,11 @@ from backend import heartbeats, project_state
 from backend.export import export_project
 from backend.ls_client import LabelStudioClient
 from backend.queues import connect
-from backend.settings import Settings
 from roi_model.engine import RegionEngine
 from roi_model.evaluation import evaluate_records
 from roi_model.synthetic import generate_world
 from roi_model.training import TrainOptions, read_records, train
+from worker import process_context
 from worker.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,15 @@ def gate(candidate: Scores, current: Scores) -> tuple[bool, str]:
 
 def finetune(project_id: int, reason: str = "requested") -> dict:
     """The train-queue job: one fine-tuning run for a project (see the module docstring)."""
-    settings = Settings.from_env()
+    context = process_context.current()
+    settings = context.settings
     job = get_current_job()
     report = _Reporter(job)
     registry = ModelRegistry(settings.model_dir)
     current = registry.current()
     if current is None:
         raise ValueError(f"no model version is served in {settings.model_dir}: nothing to fine-tune from")
-    connection = job.connection if job is not None else connect(settings)
+    connection = context.connection or (job.connection if job is not None else connect(settings))
     params = project_state.load_params(connection, project_id)
     options = {**DEFAULTS, **params.train}
     run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"

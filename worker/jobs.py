@@ -5,8 +5,7 @@
   in one batched engine call, and writes the predictions back, once per task and model version.
 * `finetune(project_id, reason)`: one fine-tuning run behind the regression gate (worker/finetune.py).
 
-Each job reads the settings, takes the process's model from `active_host()` (see worker/model_host.py) and
-raises on failure: ValueError and backend.images.ImageRejected for input that will never work, anything in
+Each job takes the settings and the model of its process from worker.process_context and raises on failure: ValueError and backend.images.ImageRejected for input that will never work, anything in
 worker/failures.py for a cause that may pass (the worker retries only those). A new job (fine-tuning,
 export) is one more function here, enqueued under its dotted name.
 """
@@ -26,10 +25,10 @@ from backend.labeling import LabelingScheme, Prompts, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.results import Region, describe_request, prediction_from_answers, task_regions
 from backend.settings import Settings
+from worker import process_context
 from worker.describe_request import DescribeRequest, parse_describe_request
 from worker.failures import is_transient
 from worker.finetune import finetune
-from worker.model_host import active_host
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,11 @@ def describe_regions(request: dict) -> dict:
     Returns {"model_version": v, "answers": [{"id", "text", "score"}, ...]}, one answer per question in
     question order; `score` is the mean token log-probability.
     """
-    settings = Settings.from_env()
+    context = process_context.current()
+    settings = context.settings
     parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
     image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings, cache=_recent_images)
-    host = active_host()
+    host = context.model()
     engine, version = host.engine, host.version
     [answers] = engine.answer([parsed.image_request(image)])
     return {"model_version": version, "answers": parsed.answers_json(answers)}
@@ -78,14 +78,15 @@ def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | No
     "model_version"}.
     """
     _check_ids(project_id, task_ids)
-    settings = Settings.from_env()
+    context = process_context.current()
+    settings = context.settings
     if not settings.label_studio_api_key:
         raise ValueError("LABEL_STUDIO_API_KEY is not set: prelabeling reads tasks and writes predictions")
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     project = client.get_project(project_id)
     scheme = scheme_from_config(project["label_config"], extra_params)
     prompts = Prompts.from_extra_params(extra_params)
-    host = active_host()
+    host = context.model()
     engine, version = host.engine, host.version
     summary: dict[str, Any] = {
         "predicted": 0,

@@ -24,7 +24,6 @@ import redis
 from backend import heartbeats
 from backend.heartbeats import INTERVAL_S, live_workers
 from backend.queues import PRIORITY_ORDER, TRAIN, connect
-from backend.redis_server import recorded_url
 from backend.settings import Settings, SettingsError
 from worker.model_host import no_current_version_message
 from worker.registry import ModelRegistry
@@ -109,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as error:
         print(f"roi-worker: cannot reach Redis: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except SettingsError as error:
+        print(f"roi-worker: {error}", file=sys.stderr)
+        return EXIT_REFUSED
 
     from roi_model.loading import resolve_device, resolve_dtype
     from worker.logs import configure_logging
@@ -146,7 +148,8 @@ def serve(worker: RegionWorker, host: ModelHost, settings: Settings, queues: lis
     A worker of the train queue alone loads no inference model (fine-tuning loads its own) and, with
     ROI_TRAIN_SCHEDULE set, requests trainings on that schedule.
     """
-    from worker.model_host import NoModelServed, activate
+    from worker.model_host import NoModelServed
+    from worker.process_context import WorkerContext, activate
     from worker.schedule import TrainingSchedule
 
     schedule = (
@@ -162,9 +165,10 @@ def serve(worker: RegionWorker, host: ModelHost, settings: Settings, queues: lis
     if schedule is not None:
         schedule.start()
     try:
-        if set(queues) - {TRAIN}:
+        serves_model = bool(set(queues) - {TRAIN})
+        if serves_model:
             host.load()
-            activate(host)
+        activate(WorkerContext(settings, worker.connection, host if serves_model else None))
         worker.work(logging_level=settings.log_level)
     except NoModelServed as error:
         print(f"roi-worker: {error}", file=sys.stderr)
@@ -184,11 +188,10 @@ def serve(worker: RegionWorker, host: ModelHost, settings: Settings, queues: lis
 
 def healthcheck(settings: Settings, name: str | None) -> int:
     """0 when the worker `name` (or, without a name, any worker on this host) has a fresh heartbeat."""
-    url = settings.redis_url or recorded_url(Path(settings.redis_data_dir).resolve())
-    if not url:
-        print("unhealthy: REDIS_URL is not set and no development Redis is running")
+    if not settings.redis_url:
+        print("unhealthy: REDIS_URL is not set")
         return EXIT_FAILED
-    connection = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     try:
         workers = live_workers(connection)
     except redis.RedisError as error:

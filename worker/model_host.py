@@ -9,8 +9,7 @@ the new version cannot be loaded, the host goes back to the old one, logs why, a
 again until `current` changes once more. Every load publishes the registry snapshot (served version plus
 all cards) to Redis for the backend's /setup and /versions, which cannot read the workers' disk.
 
-Job functions reach the host of their process through `active_host()`: RQ calls them by name with JSON
-arguments only, so the model cannot travel as an argument.
+Job functions reach the host of their process through worker.process_context.
 """
 
 from __future__ import annotations
@@ -162,21 +161,3 @@ def no_current_version_message(registry: ModelRegistry) -> str:
         f"no model version is being served: {registry.current_file} does not exist ({published}); "
         "publish a model directory into the registry and promote it (worker.registry.ModelRegistry)"
     )
-
-
-_active: ModelHost | None = None
-
-
-def activate(host: ModelHost | None) -> None:
-    """Make `host` the one job functions of this process use (None: no model in this process)."""
-    global _active
-    _active = host
-
-
-def active_host() -> ModelHost:
-    if _active is None:
-        raise NoModelServed(
-            "no model is loaded in this process: job functions run inside roi-worker "
-            "(or call worker.model_host.activate(host) first)"
-        )
-    return _active

@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from backend.queues import PRIORITY_ORDER, SERIALIZER, connect
-from backend.redis_server import EmbeddedRedis
 from backend.settings import Settings
+from devstack.redis_server import EmbeddedRedis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS = "tests.integration.jobs_for_tests"

@@ -12,8 +12,8 @@ import requests
 
 from backend import heartbeats
 from backend.project_state import load_params
-from backend.redis_server import free_port
 from backend.settings import Settings
+from devstack.redis_server import free_port
 from tests.integration.backend_harness import config, running_backend
 
 CAPTION = config("region_captioning.xml")

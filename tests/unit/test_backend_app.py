@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
-from backend.redis_server import free_port
 from backend.settings import Settings
+from devstack.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CAPTION = (REPO_ROOT / "labeling_configs" / "region_captioning.xml").read_text()

@@ -19,13 +19,15 @@ from tiny_models import make_tiny, noise_image
 
 from backend.images import ImageRejected, ImageUnavailable
 from backend.ls_client import LabelStudioError
+from backend.settings import Settings
 from roi_model.assembly import save_pretrained
 from roi_model.engine import RegionEngine
 from worker.describe_request import MAX_NEW_TOKENS_LIMIT, parse_describe_request
 from worker.failures import is_transient
 from worker.jobs import describe_regions
 from worker.logs import JsonLinesFormatter
-from worker.model_host import ModelHost, NoModelServed, activate, active_host
+from worker.model_host import ModelHost, NoModelServed
+from worker.process_context import WorkerContext, activate, current
 from worker.registry import ModelRegistry
 
 
@@ -211,7 +213,7 @@ def test_without_a_current_version_the_host_refuses_with_one_sentence(tmp_path):
 # --- the describe job in this process -------------------------------------------------------------------
 
 
-def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(tmp_path, monkeypatch):
+def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(tmp_path):
     model, processor = make_tiny("clip")
     save_pretrained(model, processor, tmp_path / "tiny")
     registry = ModelRegistry(tmp_path / "models")
@@ -219,10 +221,9 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
     files = tmp_path / "files"
     files.mkdir()
     noise_image(64, 48).save(files / "scene.png")
-    monkeypatch.setenv("ROI_LOCAL_FILES_ROOT", str(files))
     host = ModelHost(registry)
     host.load()
-    activate(host)
+    activate(WorkerContext(Settings(local_files_root=files), host=host))
     try:
         result = describe_regions(request())
         with pytest.raises(ValueError, match="has zero area"):  # before the (missing) image is read
@@ -241,7 +242,7 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
         ],
     }
     with pytest.raises(NoModelServed, match="job functions run inside roi-worker"):
-        active_host()
+        current()
 
 
 # --- logs -----------------------------------------------------------------------------------------------

