@@ -26,7 +26,7 @@ import redis
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from backend import heartbeats, project_state, webhooks
+from backend import heartbeats, project_state, registry_snapshot, webhooks
 from backend.labeling import UnsupportedConfig, scheme_from_config
 from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
 from backend.queues import connect, redis_url
@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
 
     @app.get("/versions")
     def versions() -> dict[str, Any]:
-        snapshot = heartbeats.registry_snapshot(fast)
+        snapshot = registry_snapshot.read(fast)
         cards = snapshot.get("versions") or []
         return {
             "versions": [card.get("version") for card in cards if isinstance(card, dict)],
@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
 
 def served_version(connection: redis.Redis, workers: list[dict]) -> str | None:
     """The registry's current version, else the version a live worker reports, else None."""
-    current = heartbeats.registry_snapshot(connection).get("current")
+    current = registry_snapshot.read(connection).get("current")
     if current:
         return current
     return next((w["model_version"] for w in workers if w.get("model_version")), None)

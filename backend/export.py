@@ -45,7 +45,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -666,9 +666,9 @@ def _sha256(data: bytes) -> str:
 # --- roi-model export ----------------------------------------------------------------------------------
 
 
-def register_cli(commands: argparse._SubParsersAction) -> None:
+def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `export` to roi-model (entry point group "roi_model.commands")."""
-    command = commands.add_parser(
+    command = add_command(
         "export",
         help="turn a Label Studio project's curated annotations into training records (LABEL_STUDIO_URL, ..._API_KEY)",
     )

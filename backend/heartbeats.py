@@ -1,8 +1,8 @@
-"""What the workers tell the backend through Redis: who is alive, and which models exist.
+"""Which workers are alive: each records a heartbeat every few seconds in Redis.
 
-A worker records a heartbeat every few seconds; the backend's /health lists the workers heard
-from recently (RQ's own worker registry outlives a killed worker by minutes). The model registry lives on the workers' disk, so a worker also publishes a snapshot
-of it (current version and version cards) for the backend's /setup and /versions.
+The backend's /health lists the workers heard from recently (RQ's own worker registry outlives a killed
+worker by minutes). Every beat also drops the entries of workers gone for longer than TTL_S, so a fleet
+whose machines come and go leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import redis
 
 WORKERS_KEY = "roi:workers"  # hash: worker name -> its last heartbeat (JSON)
 SEEN_KEY = "roi:workers:seen"  # sorted set: worker name -> time of its last heartbeat
-REGISTRY_KEY = "roi:registry"
 INTERVAL_S = 5.0
 TTL_S = 20  # several missed beats before a worker counts as gone
 
@@ -49,23 +48,10 @@ def is_alive(connection: redis.Redis, worker_name: str) -> bool:
 
 
 def prune(connection: redis.Redis) -> None:
-    """Drop workers gone for longer than TTL_S (a worker calls this now and then)."""
+    """Drop workers gone for longer than TTL_S (every worker's pulse calls this after its beat)."""
     gone = connection.zrangebyscore(SEEN_KEY, "-inf", time.time() - TTL_S)
     if gone:
         forget_all = connection.pipeline()
         forget_all.hdel(WORKERS_KEY, *gone)
         forget_all.zrem(SEEN_KEY, *gone)
         forget_all.execute()
-
-
-def publish_registry(connection: redis.Redis, current: str | None, versions: list[dict]) -> None:
-    """The registry as the worker sees it: the served version and every version's card."""
-    connection.set(
-        REGISTRY_KEY, json.dumps({"current": current, "versions": versions, "updated_at": time.time()})
-    )
-
-
-def registry_snapshot(connection: redis.Redis) -> dict:
-    """The last published registry snapshot; no current version when no worker has published one."""
-    value = connection.get(REGISTRY_KEY)
-    return json.loads(value) if value else {"current": None, "versions": [], "updated_at": None}

@@ -8,9 +8,9 @@ A task's image URL comes from Label Studio task data, which any annotator or imp
 untrusted (reliability.md §2.4, §3). Where an image may come from:
 
 * Label Studio itself: relative URLs (`/data/upload/...`, `/data/local-files/?d=...`, other `/data/...`),
-  fetched from settings.label_studio_url with the API key. A legacy token is sent as `Token <key>`; a
-  personal access token (a JWT refresh token) is exchanged at /api/token/refresh/ for a short-lived access
-  token sent as `Bearer`, cached until shortly before it expires. The key goes to Label Studio's exact
+  fetched from settings.label_studio_url with the API key, as label-studio-sdk sends it: a legacy token as
+  `Token <key>`; a personal access token (a JWT refresh token) exchanged by the SDK for a short-lived
+  access token sent as `Bearer`, renewed when it expires. The key goes to Label Studio's exact
   origin and its media paths only (backend/url_policy.py decides, on the request as it will be sent),
   never to another host, and is never logged.
 * Cloud storage URIs (`s3://`, `gs://`, `azure-blob://`): through Label Studio's presign endpoint, which
@@ -40,21 +40,20 @@ the bytes are decoded, with every check, on each use.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
-import jwt
 import requests
+from cachetools import LRUCache, TTLCache
 from PIL import Image
 
 from backend.deadline_http import Deadline, deadline_session
+from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 from backend.url_policy import Target, UrlRefused, check_target, refuse_ambiguous
 from roi_contract.images import TooManyPixels, UndecodableImage, decode_displayed
@@ -64,8 +63,6 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 3
 LABEL_STUDIO_PREFIXES = ("/data/", "/storage-data/")
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-# Refresh an access token this long before Label Studio would stop accepting it.
-TOKEN_EXPIRY_MARGIN_S = 30.0
 _CHUNK_BYTES = 64 * 1024
 
 
@@ -88,8 +85,8 @@ class RecentImages:
     An entry is keyed by the URL, the task id and the settings it was fetched under: two tasks never share
     bytes, and a hit returns only what a fetch under the same host, path and size rules returned. An entry
     lives `ttl_s` from its fetch however often it is used, so an image replaced in Label Studio is seen
-    again soon. When the bytes would exceed `max_bytes`, the least recently used entries go first; an image
-    larger than that is not kept.
+    again soon. When the bytes would exceed `max_bytes`, the least recently used entries go first (expired
+    ones before them); an image larger than that is not kept.
     """
 
     def __init__(
@@ -105,48 +102,25 @@ class RecentImages:
             )
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
-        self._clock = clock
         self._lock = threading.Lock()
-        # (url, task id, settings) -> (bytes, expiry on `clock`), least recently used first.
-        self._entries: OrderedDict[tuple, tuple[bytes, float]] = OrderedDict()
-        self._bytes = 0
+        self._entries: TTLCache[tuple, bytes] = TTLCache(max_bytes, ttl_s, timer=clock, getsizeof=len)
 
     def get(self, url: str, task_id: int | None, settings: Settings) -> bytes | None:
-        key = (url, task_id, settings)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            if self._clock() >= entry[1]:
-                self._drop(key)
-                return None
-            self._entries.move_to_end(key)
-            return entry[0]
+            return self._entries.get((url, task_id, settings))
 
     def put(self, url: str, task_id: int | None, settings: Settings, data: bytes) -> None:
         key = (url, task_id, settings)
         with self._lock:
-            if key in self._entries:
-                self._drop(key)
-            if len(data) > self.max_bytes:
-                return
-            now = self._clock()
-            for expired in [k for k, (_, expiry) in self._entries.items() if now >= expiry]:
-                self._drop(expired)
-            while self._bytes + len(data) > self.max_bytes:
-                self._drop(next(iter(self._entries)))
-            self._entries[key] = (data, now + self.ttl_s)
-            self._bytes += len(data)
+            self._entries.pop(key, None)
+            if len(data) <= self.max_bytes:
+                self._entries[key] = data
 
     @property
     def size_bytes(self) -> int:
         """The bytes held now, expired entries included until the next put drops them."""
         with self._lock:
-            return self._bytes
-
-    def _drop(self, key: tuple) -> None:
-        data, _ = self._entries.pop(key)
-        self._bytes -= len(data)
+            return int(self._entries.currsize)
 
 
 def load_image(
@@ -285,7 +259,7 @@ def _follow(
         request, checked = _checked_request(url, target, settings, session, redirected=hop > 0)
         where = f"{checked.origin}{checked.path}"
         if checked.label_studio:
-            request.headers.update(_auth_headers(url, settings, session))
+            request.headers.update(_auth_headers(url, settings))
         log.debug("fetching image %s from %s", url, where)
         try:
             response = session.send(request, stream=True, allow_redirects=False, timeout=(timeout, timeout))
@@ -363,74 +337,25 @@ def _without_query(url: str) -> str:
 # --- Label Studio credentials --------------------------------------------------------------------------
 
 
-class _AccessTokens:
-    """Access tokens obtained for personal access tokens, cached per (Label Studio, key) until near expiry."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
-
-    def get(self, url: str, settings: Settings, session: requests.Session) -> str:
-        label_studio = settings.label_studio_url.rstrip("/")
-        cache_key = (label_studio, hashlib.sha256(settings.label_studio_api_key.encode()).hexdigest())
-        with self._lock:
-            cached = self._cache.get(cache_key)
-            if cached and time.monotonic() < cached[1]:
-                return cached[0]
-            access, lifetime_s = self._refresh(url, label_studio, settings, session)
-            self._cache[cache_key] = (access, time.monotonic() + lifetime_s - TOKEN_EXPIRY_MARGIN_S)
-            return access
-
-    @staticmethod
-    def _refresh(
-        url: str, label_studio: str, settings: Settings, session: requests.Session
-    ) -> tuple[str, float]:
-        endpoint = f"{label_studio}/api/token/refresh/"
-        timeout = settings.image_timeout_s
-        try:
-            response = session.post(
-                endpoint,
-                json={"refresh": settings.label_studio_api_key},
-                timeout=(timeout, timeout),
-                allow_redirects=False,
-            )
-        except requests.RequestException as error:
-            raise ImageUnavailable(url, f"cannot reach {endpoint} ({type(error).__name__})") from None
-        with response:
-            if response.status_code in (400, 401, 403):
-                raise ImageRejected(
-                    url,
-                    f"Label Studio refused LABEL_STUDIO_API_KEY at {endpoint} (HTTP {response.status_code})",
-                )
-            if response.status_code != 200:
-                raise ImageUnavailable(url, f"HTTP {response.status_code} from {endpoint}")
-            try:
-                access = response.json()["access"]
-                claims = jwt.decode(access, options={"verify_signature": False})
-            except (ValueError, KeyError, TypeError, jwt.PyJWTError):
-                raise ImageRejected(url, f"{endpoint} did not return an access token") from None
-        # Lifetime from the token's own claims, counted on our clock: robust to clock skew with Label Studio.
-        issued = claims.get("iat", time.time())
-        expires = claims.get("exp", issued + 2 * TOKEN_EXPIRY_MARGIN_S)
-        return access, float(expires - issued)
+_label_studio_clients: LRUCache[tuple[str, str, float], LabelStudioClient] = LRUCache(maxsize=8)
+_clients_lock = threading.Lock()
 
 
-_access_tokens = _AccessTokens()
-
-
-def _auth_headers(url: str, settings: Settings, session: requests.Session) -> dict[str, str]:
-    """Label Studio's credentials: for requests that url_policy found to go to its exact origin only."""
-    key = settings.label_studio_api_key
-    if not key:
+def _auth_headers(url: str, settings: Settings) -> dict[str, str]:
+    """Label Studio's credentials, as its SDK sends them: the legacy token, or an access token for a personal
+    access token (the SDK exchanges and renews it). Only for requests url_policy found to go to Label Studio."""
+    if not settings.label_studio_api_key:
         return {}
-    if _is_jwt(key):
-        return {"Authorization": f"Bearer {_access_tokens.get(url, settings, session)}"}
-    return {"Authorization": f"Token {key}"}
-
-
-def _is_jwt(key: str) -> bool:
+    key = (settings.label_studio_url, settings.label_studio_api_key, settings.image_timeout_s)
     try:
-        jwt.get_unverified_header(key)
-    except jwt.PyJWTError:
-        return False
-    return True
+        with _clients_lock:
+            client = _label_studio_clients.get(key)
+            if client is None:
+                client = _label_studio_clients[key] = LabelStudioClient(*key)
+        return client.auth_header()
+    except LabelStudioError as error:
+        if error.status_code in (400, 401, 403):
+            raise ImageRejected(
+                url, f"Label Studio refused LABEL_STUDIO_API_KEY (HTTP {error.status_code})"
+            ) from None
+        raise ImageUnavailable(url, f"cannot renew the Label Studio access token ({error.message})") from None

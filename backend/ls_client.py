@@ -56,7 +56,8 @@ def error_message(body: Any) -> str:
 
 
 @contextmanager
-def _translated_errors(operation: str) -> Iterator[None]:
+def translated_errors(operation: str) -> Iterator[None]:
+    """SDK calls fail with LabelStudioError (Label Studio's status and words) inside this block."""
     try:
         yield
     except ApiError as error:
@@ -85,11 +86,18 @@ class LabelStudioClient:
     def __init__(self, url: str, api_key: str, timeout_s: float = 120.0):
         # The timeout covers LS's own synchronous call to our /predict (100 s by default).
         self.url = url.rstrip("/")
-        self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s)
+        with translated_errors("connect"):  # the SDK refuses a personal access token without an expiry here
+            self.sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s)
+
+    def auth_header(self) -> dict[str, str]:
+        """The Authorization header the SDK sends: the legacy token, or a current access token for a personal
+        access token (the SDK exchanges it at /api/token/refresh/ and renews it when it expires)."""
+        with translated_errors("renew the access token"):
+            return {"Authorization": self.sdk._client_wrapper.get_headers()["Authorization"]}
 
     def _http(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         # The SDK's own HTTP client: the same base URL, auth headers and token refresh.
-        with _translated_errors(operation):
+        with translated_errors(operation):
             response = self.sdk._client_wrapper.httpx_client.request(path, method=method, **kwargs)
         _raise_for_status(operation, response)
         return response
@@ -98,7 +106,7 @@ class LabelStudioClient:
 
     def validate_config(self, label_config: str) -> list[str]:
         """LS's own validation of a labeling config; [] when it is valid, else LS's messages."""
-        with _translated_errors("validate label config"):
+        with translated_errors("validate label config"):
             response = self.sdk._client_wrapper.httpx_client.request(
                 "api/projects/validate/", method="POST", json={"label_config": label_config}
             )
@@ -112,19 +120,19 @@ class LabelStudioClient:
 
     def create_project(self, title: str, label_config: str, **fields: Any) -> int:
         """A new project; `fields` go to the SDK's projects.create (description, ...). Returns its id."""
-        with _translated_errors(f"create project {title!r}"):
+        with translated_errors(f"create project {title!r}"):
             return self.sdk.projects.create(title=title, label_config=label_config, **fields).id
 
     def find_project_by_title(self, title: str) -> int | None:
         """The id of the first project with exactly this title, or None."""
-        with _translated_errors(f"find project {title!r}"):
+        with translated_errors(f"find project {title!r}"):
             for project in self.sdk.projects.list(title=title):
                 if project.title == title:
                     return project.id
         return None
 
     def get_project(self, project: int) -> JSON:
-        with _translated_errors(f"get project {project}"):
+        with translated_errors(f"get project {project}"):
             return _plain(self.sdk.projects.get(id=project))
 
     def model_versions(self, project: int) -> dict[str, int]:
@@ -135,7 +143,7 @@ class LabelStudioClient:
 
     def import_tasks(self, project: int, tasks: Sequence[JSON]) -> list[int]:
         """Import tasks (`{"data": ..., "predictions": [...]}`); returns the new task ids in order."""
-        with _translated_errors(f"import tasks into project {project}"):
+        with translated_errors(f"import tasks into project {project}"):
             response = self.sdk.projects.import_tasks(id=project, request=list(tasks), return_task_ids=True)
         return list(response.task_ids or [])
 
@@ -146,7 +154,7 @@ class LabelStudioClient:
 
         LS serves /data/local-files/?d=... only for folders that such a storage covers (404 otherwise).
         """
-        with _translated_errors(f"add local storage {path}"):
+        with translated_errors(f"add local storage {path}"):
             storage = self.sdk.import_storage.local.create(
                 project=project,
                 path=str(Path(path).resolve()),
@@ -165,28 +173,28 @@ class LabelStudioClient:
         query = None
         if task_ids is not None:
             query = json.dumps({"selectedItems": {"all": False, "included": list(task_ids)}})
-        with _translated_errors(f"get tasks of project {project}"):
+        with translated_errors(f"get tasks of project {project}"):
             tasks = [_plain(task) for task in self.sdk.tasks.list(project=project, fields="all", query=query)]
         return sorted(tasks, key=lambda task: task["id"])
 
     def create_prediction(self, task: int, result: list[JSON], score: float, model_version: str) -> int:
-        with _translated_errors(f"create prediction for task {task}"):
+        with translated_errors(f"create prediction for task {task}"):
             return self.sdk.predictions.create(
                 task=task, result=result, score=score, model_version=model_version
             ).id
 
     def predictions(self, task: int) -> list[JSON]:
         """The stored predictions of a task (each with its model_version and score)."""
-        with _translated_errors(f"list predictions of task {task}"):
+        with translated_errors(f"list predictions of task {task}"):
             return [_plain(prediction) for prediction in self.sdk.predictions.list(task=task)]
 
     def create_annotation(self, task: int, result: list[JSON], **fields: Any) -> int:
         """Annotate a task like an annotator does (for tests); `fields`: parent_prediction, lead_time, ..."""
-        with _translated_errors(f"create annotation for task {task}"):
+        with translated_errors(f"create annotation for task {task}"):
             return self.sdk.annotations.create(id=task, result=result, **fields).id
 
     def update_annotation(self, annotation: int, result: list[JSON], **fields: Any) -> JSON:
-        with _translated_errors(f"update annotation {annotation}"):
+        with translated_errors(f"update annotation {annotation}"):
             return _plain(self.sdk.annotations.update(id=annotation, result=result, **fields))
 
     def export_json(self, project: int, all_tasks: bool = False) -> list[JSON]:
@@ -194,7 +202,7 @@ class LabelStudioClient:
 
         Only annotated tasks unless `all_tasks`.
         """
-        with _translated_errors(f"export project {project}"):
+        with translated_errors(f"export project {project}"):
             chunks = self.sdk.projects.exports.download_sync(
                 project, export_type="JSON", download_all_tasks=all_tasks
             )
@@ -209,7 +217,7 @@ class LabelStudioClient:
 
         `fields` go to the SDK's ml.create: extra_params, auth_method, basic_auth_user, ...
         """
-        with _translated_errors(f"connect ML backend {url}"):
+        with translated_errors(f"connect ML backend {url}"):
             return self.sdk.ml.create(
                 project=project, url=url, title=title, is_interactive=interactive, **fields
             ).id
@@ -220,7 +228,7 @@ class LabelStudioClient:
         Returns LS's reply: `{"data": {"result": [...], ...}}`, or `{"errors": [...]}` (HTTP 200)
         when the backend failed or timed out.
         """
-        with _translated_errors(f"interactive annotating of task {task}"):
+        with translated_errors(f"interactive annotating of task {task}"):
             response = self.sdk.ml.with_raw_response.predict_interactive(
                 ml_backend, task=task, context={"result": list(context_result)}
             )
@@ -234,7 +242,7 @@ class LabelStudioClient:
         selected = (
             {"all": True, "excluded": []} if task_ids is None else {"all": False, "included": list(task_ids)}
         )
-        with _translated_errors(f"retrieve predictions for project {project}"):
+        with translated_errors(f"retrieve predictions for project {project}"):
             response = self.sdk.actions.with_raw_response.create(
                 id="retrieve_tasks_predictions", project=project, selected_items=selected
             )
@@ -242,5 +250,5 @@ class LabelStudioClient:
 
     def start_training(self, ml_backend: int) -> None:
         """The "Start Training" button: LS posts START_TRAINING to the backend's /webhook."""
-        with _translated_errors(f"start training of ML backend {ml_backend}"):
+        with translated_errors(f"start training of ML backend {ml_backend}"):
             self.sdk.ml.train(ml_backend)

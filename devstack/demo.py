@@ -14,13 +14,14 @@ take 8080 and 9090 when those are free, other free ports otherwise.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from backend.ls_client import LabelStudioError
 from devstack.label_studio import (
@@ -142,11 +143,10 @@ def run(args: argparse.Namespace, lines: LogLines) -> int:
 
 def _hold_state_lock(state: Path) -> None:
     """Refuse to run twice on one state folder: two Label Studios on one database would corrupt it."""
-    lock = open(state / "demo.lock", "a")  # noqa: SIM115 (held, and closed by the OS, until we exit)
+    lock = FileLock(state / "demo.lock", timeout=0)  # held until we exit
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+        lock.acquire()
+    except Timeout:
         raise ProvisionError(
             f"another demo is running on {_shown(state)}: stop it first (Ctrl-C in its terminal)"
         ) from None

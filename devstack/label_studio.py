@@ -9,7 +9,6 @@ on 127.0.0.1 needs (see shared/reference/label-studio.md §1.2).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import secrets
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+from filelock import FileLock
 
 from devstack.processes import ManagedProcess, ProcessFailed
 from devstack.redis_server import free_port
@@ -43,8 +43,7 @@ def ensure_venv(root: Path = DEFAULT_ROOT) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     venv = root / f"venv-{LABEL_STUDIO_VERSION}"
     stamp = venv / ".installed"
-    with open(root / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root / ".install.lock"):
         if stamp.exists():
             return venv
         if venv.exists():
@@ -69,8 +68,7 @@ def ensure_data_template(venv: Path) -> Path:
     venv = Path(venv).resolve()
     template = venv.parent / f"data-template-{LABEL_STUDIO_VERSION}"
     stamp = template / ".complete"
-    with open(venv.parent / ".template.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(venv.parent / ".template.lock"):
         if stamp.exists():
             return template
         if template.exists():

@@ -21,16 +21,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from label_studio_sdk.core.api_error import ApiError
-
-from backend.ls_client import JSON, LabelStudioClient, LabelStudioError, error_message
+from backend.ls_client import JSON, LabelStudioClient, translated_errors
 from roi_model.synthetic import WORLD_VERSION, generate_world, label_studio_rectangle
-from worker.registry import CARD_FILE, VERSION_NAME, ModelRegistry
+from worker.registry import CARD_FILE, ModelRegistry, card_version
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +70,7 @@ def import_model(registry_root: Path, source: Path) -> str:
         if registry.current() is None:
             registry.promote(known["version"])
         return registry.current() or known["version"]
-    wanted = _card_version(source)
+    wanted = card_version(source)
     taken = {card["version"] for card in registry.versions()}
     version = registry.import_model(
         source,
@@ -83,14 +80,6 @@ def import_model(registry_root: Path, source: Path) -> str:
     registry.promote(version)
     log.info("imported %s as model version %s", source, version)
     return version
-
-
-def _card_version(source: Path) -> str | None:
-    try:
-        version = json.loads((source / CARD_FILE).read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return version if isinstance(version, str) and VERSION_NAME.fullmatch(version) else None
 
 
 # --- the synthetic world ----------------------------------------------------------------------------
@@ -155,15 +144,6 @@ def drawn_rectangle(record: JSON, index: int, region_id: str) -> JSON:
     return {**rectangle, "origin": "manual"}
 
 
-@contextmanager
-def _sdk(operation: str) -> Iterator[None]:
-    """SDK calls that LabelStudioClient does not wrap fail with LabelStudioError, as its own calls do."""
-    try:
-        yield
-    except ApiError as error:
-        raise LabelStudioError(operation, error.status_code, error_message(error.body)) from error
-
-
 # --- the project ------------------------------------------------------------------------------------
 
 
@@ -203,7 +183,7 @@ def ensure_project(
 
 def ensure_local_storage(client: LabelStudioClient, project: int, folder: Path) -> int:
     path = str(Path(folder).resolve())
-    with _sdk(f"list the local storages of project {project}"):
+    with translated_errors(f"list the local storages of project {project}"):
         storages = client.sdk.import_storage.local.list(project=project)
     for storage in storages:
         if storage.path == path:
@@ -213,7 +193,7 @@ def ensure_local_storage(client: LabelStudioClient, project: int, folder: Path) 
 
 def ensure_ml_backend(client: LabelStudioClient, project: int, url: str) -> int:
     """Our backend as the project's interactive ML backend; an earlier one is pointed at `url`."""
-    with _sdk(f"list the ML backends of project {project}"):
+    with translated_errors(f"list the ML backends of project {project}"):
         backends = client.sdk.ml.list(project=project)
     for backend in backends:
         if backend.url.rstrip("/") == url.rstrip("/"):
@@ -223,7 +203,7 @@ def ensure_ml_backend(client: LabelStudioClient, project: int, url: str) -> int:
         # `project` must be sent along: without it LS 1.23.2 fails the update with HTTP 500 (its /setup
         # check calls MLBackend.setup_ without a project).
         backend = backends[0]
-        with _sdk(f"point ML backend {backend.id} at {url}"):
+        with translated_errors(f"point ML backend {backend.id} at {url}"):
             client.sdk.ml.update(backend.id, url=url, is_interactive=True, project=project)
         return backend.id
     return client.connect_ml_backend(project, url, title=BACKEND_TITLE, interactive=True)
@@ -277,6 +257,6 @@ def prelabel(
             continue
         time.sleep(poll_s)
     # Without this the labeling UI shows the predictions of the project's first model version (the boxes).
-    with _sdk(f"set the model version of project {project}"):
+    with translated_errors(f"set the model version of project {project}"):
         client.sdk.projects.update(id=project, model_version=model_version)
     return tasks

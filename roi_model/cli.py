@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0, help="seed of the new projector and region encoder")
     command.set_defaults(func=init_model)
 
+    # A plugin is `register_cli(add_command)`, called with the subparsers' add_parser: it adds its commands.
     for plugin in entry_points(group="roi_model.commands"):
-        plugin.load()(commands)
+        plugin.load()(commands.add_parser)
     return parser
 
 

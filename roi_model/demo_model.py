@@ -7,7 +7,6 @@ synthetic world, then evaluated on a world of another seed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -16,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from roi_contract.records import dataset_digest
 
 from .evaluation import evaluate
 from .synthetic import ATTRIBUTES, WORLD_VERSION, generate_world
@@ -33,10 +34,6 @@ TIME_BUDGET_MINUTES = 19
 # Purple is kept back: the fine-tuning loop test teaches it to the model through Label Studio corrections.
 HELD_BACK = {"colour": {"purple"}}
 TRAIN_KIND_WEIGHTS = {"caption": 3.0, "colour": 1.0, "shape": 1.0, "size": 1.0, "left": 2.0, "larger": 1.0}
-
-
-def file_digest(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_demo_model(out: Path, *, work_dir: Path) -> dict:
@@ -70,7 +67,7 @@ def build_demo_model(out: Path, *, work_dir: Path) -> dict:
         "version": VERSION,
         "parent": None,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dataset_digest": file_digest(train_world / "data.jsonl"),
+        "dataset_digest": dataset_digest((train_world / "data.jsonl").read_bytes()),
         "metrics": metrics,
         "training": {
             "command": "make demo-model",

@@ -27,6 +27,9 @@ import torch
 from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from roi_contract.records import TrainingRecord
+from roi_contract.validation import parse
+
 from .assembly import build_model, save_pretrained
 from .loading import load_pretrained
 from .modeling import RegionLLMForCausalLM
@@ -90,9 +93,7 @@ def read_records(paths: Iterable[Path]) -> list[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number} is not JSON: {error}") from None
-                for key in ("image", "width", "height", "regions", "conversations"):
-                    if key not in record:
-                        raise ValueError(f"{path}:{number} has no {key!r}")
+                parse(TrainingRecord, record, f"{path}:{number}")  # ContractError names the problem
                 record["_root"] = str(path.parent)
                 records.append(record)
     if not records:

@@ -18,20 +18,18 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import redis
-from rq import get_current_job
-
-from backend import heartbeats, project_state
+from backend import project_state, registry_snapshot
 from backend.export import export_project
 from backend.ls_client import LabelStudioClient
 from backend.queues import connect
+from roi_contract.records import dataset_digest
 from roi_model.engine import RegionEngine
 from roi_model.evaluation import evaluate_records
 from roi_model.synthetic import generate_world
 from roi_model.training import TrainOptions, read_records, train
 from worker import process_context
+from worker.job_progress import JobProgress
 from worker.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -78,19 +76,18 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     """The train-queue job: one fine-tuning run for a project (see the module docstring)."""
     context = process_context.current()
     settings = context.settings
-    job = get_current_job()
-    report = _Reporter(job)
+    progress = JobProgress()
     registry = ModelRegistry(settings.model_dir)
     current = registry.current()
     if current is None:
         raise ValueError(f"no model version is served in {settings.model_dir}: nothing to fine-tune from")
-    connection = context.connection or (job.connection if job is not None else connect(settings))
+    connection = context.connection or connect(settings)
     params = project_state.load_params(connection, project_id)
     options = {**DEFAULTS, **params.train}
     run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     started = time.monotonic()
 
-    report("exporting", {})
+    progress.report("exporting")
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     export_report = export_project(client, project_id, run_dir / "export", settings, params.extra)
     train_path, held_out_path = split_by_task(run_dir / "export" / "data.jsonl")
@@ -103,7 +100,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         registry.card(current), run_dir / "replay", options["replay_images"]
     )
 
-    report("training", {"options": options})
+    progress.report("training", options=options)
     candidate_dir = run_dir / "candidate"
     summary = train(
         TrainOptions(
@@ -116,11 +113,11 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
             warmup_steps=min(50, options["steps"] // 10),
             save_every=max(options["steps"], 1),
             seed=project_id,
-            on_log=lambda logs: report("training", {"training": _json_safe(logs)}),
+            on_log=lambda logs: progress.report("training", options=options, training=_json_safe(logs)),
         )
     )
 
-    report("evaluating", {})
+    progress.report("evaluating")
     current_scores = score(registry.path(current), held_out_path, replay_eval)
     candidate_scores = score(candidate_dir, held_out_path, replay_eval)
     promote, why = gate(candidate_scores, current_scores)
@@ -150,7 +147,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
             candidate_dir,
             parent=current,
             metrics=metrics,
-            dataset_digest=file_digest(train_path),
+            dataset_digest=dataset_digest(train_path.read_bytes()),
             extra={
                 "training": {
                     key: run[key] for key in ("project", "reason", "options", "served", "train_loss")
@@ -167,8 +164,8 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     else:
         log.warning("finetune project=%s kept %s: %s", project_id, current, why)
     registry.record_training_run(run)
-    heartbeats.publish_registry(connection, registry.current(), registry.versions())
-    report("done", {"result": run})
+    registry_snapshot.publish(connection, registry.current(), registry.versions())
+    progress.report("done", result=run)
     return run
 
 
@@ -258,26 +255,6 @@ def acceptance_by_version(data: Path) -> dict[str, dict]:
     }
 
 
-def file_digest(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # progress -----------------------------------------------------------------------------------------------
 def _json_safe(values: dict) -> dict:
     return {key: value for key, value in values.items() if isinstance(value, int | float | str)}
-
-
-class _Reporter:
-    """Progress and figures in the job's meta ({"stage", ...}) while it runs; nothing outside a worker."""
-
-    def __init__(self, job) -> None:
-        self.job = job
-
-    def __call__(self, stage: str, details: dict[str, Any]) -> None:
-        if self.job is None:
-            return
-        self.job.meta.update({"stage": stage, **details})
-        try:
-            self.job.save_meta()
-        except redis.RedisError as error:  # progress is a courtesy: never fail a training over it
-            log.warning("could not save progress: %s", error)

@@ -5,7 +5,8 @@
   in one batched engine call, and writes the predictions back, once per task and model version.
 * `finetune(project_id, reason)`: one fine-tuning run behind the regression gate (worker/finetune.py).
 
-Each job takes the settings and the model of its process from worker.process_context and raises on failure: ValueError and backend.images.ImageRejected for input that will never work, anything in
+Each job takes the settings and the model of its process from worker.process_context and raises on
+failure: ValueError and backend.images.ImageRejected for input that will never work, anything in
 worker/failures.py for a cause that may pass (the worker retries only those). A new job (fine-tuning,
 export) is one more function here, enqueued under its dotted name.
 """
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from rq import get_current_job
 
 from backend.images import ImageRejected, RecentImages, load_image
 from backend.labeling import LabelingScheme, Prompts, scheme_from_config
@@ -29,6 +29,7 @@ from worker import process_context
 from worker.describe_request import DescribeRequest, parse_describe_request
 from worker.failures import is_transient
 from worker.finetune import finetune
+from worker.job_progress import JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | No
         "failed": [],
         "model_version": version,
     }
-    progress = _Progress()
+    progress = JobProgress()
     wanted = list(dict.fromkeys(task_ids))
 
     tasks = {task["id"]: task for task in client.get_tasks(project_id, wanted)}
@@ -118,10 +119,10 @@ def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | No
                     summary["skipped_no_regions"] += 1
                 else:
                     planned.append(plan)
-        progress.report("reading tasks", done, len(wanted))
+        progress.report("reading tasks", done=done, total=len(wanted))
 
     # One engine call for every question of every task: the engine batches across images.
-    progress.report("answering", 0, len(planned))
+    progress.report("answering", done=0, total=len(planned))
     answers = engine.answer([plan.request.image_request(plan.image) for plan in planned]) if planned else []
     for done, (plan, task_answers) in enumerate(zip(planned, answers, strict=True), start=1):
         try:
@@ -135,7 +136,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | No
             summary["failed"].append({"task": plan.task_id, "reason": str(error)})
         else:
             summary["predicted"] += 1
-        progress.report("writing predictions", done, len(planned))
+        progress.report("writing predictions", done=done, total=len(planned))
     log.info("prelabel project=%s %s", project_id, summary)
     return summary
 
@@ -169,18 +170,3 @@ def _check_ids(project_id: Any, task_ids: Any) -> None:
         isinstance(task_id, int) and not isinstance(task_id, bool) for task_id in task_ids
     ):
         raise ValueError(f"task_ids must be a list of integers, got {task_ids!r}")
-
-
-class _Progress:
-    """A long job's progress in its RQ meta, {"progress": {"stage", "done", "total"}}, for whoever polls it.
-
-    Outside a worker (no current job) it records nothing.
-    """
-
-    def __init__(self) -> None:
-        self.job = get_current_job()
-
-    def report(self, stage: str, done: int, total: int) -> None:
-        if self.job is not None:
-            self.job.meta["progress"] = {"stage": stage, "done": done, "total": total}
-            self.job.save_meta()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from backend.heartbeats import publish_registry
+from backend import registry_snapshot
 from worker.registry import ModelRegistry, RegistryError
 
 if TYPE_CHECKING:  # torch and the model code load with the first model, not with this module
@@ -121,7 +121,7 @@ class ModelHost:
         if self.connection is None:
             return
         try:
-            publish_registry(self.connection, self._version, self.registry.versions())
+            registry_snapshot.publish(self.connection, self._version, self.registry.versions())
         except redis.RedisError as error:
             log.warning("could not publish the model registry snapshot: %s", error)
 

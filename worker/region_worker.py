@@ -34,7 +34,7 @@ from rq.job import Job
 from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
-from backend.heartbeats import INTERVAL_S, beat, forget
+from backend.heartbeats import INTERVAL_S, beat, forget, prune
 from backend.queues import QUEUES, SERIALIZER, TRAIN
 from worker.failures import is_transient
 from worker.model_host import ModelHost
@@ -213,6 +213,7 @@ class Pulse:
     def beat_once(self) -> None:
         try:
             beat(self.connection, self.name, self.report())
+            prune(self.connection)
             if self.on_beat is not None:
                 self.on_beat()
         except redis.RedisError as error:

@@ -8,7 +8,7 @@ Layout under the root ($MODEL_DIR, DESIGN.md):
                            the old name or the new one, never a partial file
     history.jsonl          one line per promotion or rollback, appended under the lock
     trainings.jsonl        one line per fine-tuning run, promoted or not (worker/finetune.py writes them)
-    .lock                  fcntl.flock lock for everything that changes the registry
+    .lock                  the file lock (filelock) held by everything that changes the registry
 
 A version is copied into a hidden directory inside versions/ and renamed into place when complete, so a
 crash mid-copy never leaves a half-written version that looks real (the hidden leftover is ignored; delete
@@ -17,18 +17,17 @@ it by hand). Rollback steps back through the promotions: promote v1, v2, v3 then
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from backend.atomic_files import write_bytes_atomically
 
@@ -195,26 +194,11 @@ class ModelRegistry:
         with self._locked():
             _append_json_line(self.trainings_file, run)
 
-    def update_card(self, version: str, /, **fields: Any) -> dict[str, Any]:
-        """Set fields of a version's card (e.g. metrics after an evaluation); returns the new card."""
-        if "version" in fields and fields["version"] != version:
-            raise RegistryError("a card's version field names its directory and cannot change")
-        with self._locked():
-            card = {**self.card(version), **fields}
-            _write_json_atomically(self.path(version) / CARD_FILE, card)
-        return card
-
     # --- internals -----------------------------------------------------------------------------------
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> FileLock:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return FileLock(self.lock_file)
 
     def _next_version_name(self) -> str:
         numbers = [
@@ -248,6 +232,12 @@ def _checked_name(version: str) -> str:
             "(not starting with '.' or '-', at most 100 characters)"
         )
     return version
+
+
+def card_version(model_dir: Path | str) -> str | None:
+    """The version a model directory's own card.json names, when it is a valid version name; else None."""
+    version = _read_card(Path(model_dir)).get("version")
+    return version if isinstance(version, str) and VERSION_NAME.fullmatch(version) else None
 
 
 def _read_card(model_dir: Path) -> dict[str, Any]:

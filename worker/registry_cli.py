@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.settings import Settings
-from worker.registry import ModelRegistry, RegistryError
+from worker.registry import ModelRegistry, RegistryError, card_version
 
 
-def register_cli(commands: argparse._SubParsersAction) -> None:
-    command = commands.add_parser(
-        "registry", help="import, list, promote, roll back model versions; plot them"
-    )
+def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
+    command = add_command("registry", help="import, list, promote, roll back model versions; plot them")
     command.add_argument("--model-dir", type=Path, help="registry root (default: MODEL_DIR)")
     actions = command.add_subparsers(dest="action", required=True)
     actions.add_parser(
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({"served": card["version"] == current, **card}))
         elif args.action == "import":
             version = registry.import_model(
-                args.directory, version=args.version or _card_version(args.directory)
+                args.directory, version=args.version or card_version(args.directory)
             )
             print(json.dumps({"version": version, "current": registry.current()}))
         elif args.action == "promote":
@@ -61,11 +60,6 @@ def run(args: argparse.Namespace) -> int:
     except RegistryError as error:
         raise ValueError(str(error)) from None
     return 0
-
-
-def _card_version(directory: Path) -> str | None:
-    card = directory / "card.json"
-    return json.loads(card.read_text()).get("version") if card.is_file() else None
 
 
 def plot_report(registry: ModelRegistry, out: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend import heartbeats
+from backend import heartbeats, registry_snapshot
 from backend.project_state import load_params
 from backend.settings import Settings
 from devstack.redis_server import free_port
@@ -75,7 +75,7 @@ def test_setup_stores_the_extra_params_and_returns_the_served_version(backend, r
     heartbeats.beat(redis_conn, "gpu-0", {"model_version": "v2", "queues": ["interactive"]})
     assert backend.post("/setup", setup_body()).json() == {"model_version": "v2"}
 
-    heartbeats.publish_registry(redis_conn, "v3", [{"version": "v2"}, {"version": "v3"}])
+    registry_snapshot.publish(redis_conn, "v3", [{"version": "v2"}, {"version": "v3"}])
     assert backend.post("/setup", setup_body()).json() == {"model_version": "v3"}
 
 
@@ -93,7 +93,7 @@ def test_setup_rejects_a_config_it_cannot_serve(backend):
 def test_versions_lists_the_registry(backend, redis_conn):
     assert backend.get("/versions").json() == {"versions": [], "current": None, "cards": []}
     cards = [{"version": "v1", "metrics": {"cider": 0.4}}, {"version": "v2", "parent": "v1"}]
-    heartbeats.publish_registry(redis_conn, "v2", cards)
+    registry_snapshot.publish(redis_conn, "v2", cards)
 
     assert backend.get("/versions").json() == {"versions": ["v1", "v2"], "current": "v2", "cards": cards}
 

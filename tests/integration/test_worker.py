@@ -17,8 +17,9 @@ import torch
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from backend.heartbeats import live_workers, registry_snapshot
+from backend.heartbeats import live_workers
 from backend.queues import INTERACTIVE, PRELABEL, QUEUES, JobFailed, enqueue, get_queue, wait_for_result
+from backend.registry_snapshot import read as registry_snapshot
 from backend.settings import Settings
 from tests.integration.conftest import REPO_ROOT
 from tests.integration.worker_harness import (

@@ -170,8 +170,6 @@ def test_unknown_versions_are_clear_errors(registry, source):
         registry.promote("v7")
     with pytest.raises(UnknownVersion):
         registry.card("v7")
-    with pytest.raises(UnknownVersion):
-        registry.update_card("v7", metrics={})
     assert registry.current() is None
 
 
@@ -181,19 +179,6 @@ def test_import_model_promotes_only_the_first_model(registry, tmp_path):
 
     assert (first, second) == ("v1", "v2")
     assert registry.current() == "v1"
-
-
-def test_update_card_rewrites_the_card(registry, source):
-    registry.publish(source, metrics={"loss": 1.0})
-
-    registry.update_card("v1", metrics={"loss": 0.5, "cider": 0.8}, evaluated_on="holdout-3")
-
-    card = registry.card("v1")
-    assert card["metrics"] == {"loss": 0.5, "cider": 0.8}
-    assert card["evaluated_on"] == "holdout-3"
-    with pytest.raises(RegistryError, match="cannot change"):
-        registry.update_card("v1", version="v2")
-    assert [path.name for path in registry.path("v1").iterdir() if path.name.startswith(".")] == []
 
 
 def test_a_failed_copy_leaves_no_version(registry, source):
