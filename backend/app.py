@@ -31,6 +31,7 @@ from backend.labeling import UnsupportedConfig, scheme_from_config
 from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
 from backend.queues import connect, redis_url
 from backend.settings import Settings, SettingsError
+from roi_contract.project import ProjectSettings
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,11 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         body = _json_object()
         try:
             project_id = project_state.parse_project_id(body.get("project"))
-            params = project_state.ProjectParams.from_extra_params(body.get("extra_params"))
+            settings_of_project = ProjectSettings.from_extra_params(body.get("extra_params"))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        scheme_from_config(body.get("schema"), params.extra)  # UnsupportedConfig -> 400
-        project_state.save_setup(fast, project_id, params, body.get("hostname"))
+        scheme_from_config(body.get("schema"), settings_of_project.controls)  # UnsupportedConfig -> 400
+        project_state.save_setup(fast, project_id, settings_of_project, body.get("hostname"))
         version = served_version(fast, heartbeats.live_workers(fast))
         if version is None:
             # Label Studio marks a backend Connected on any 2xx; without a model there is nothing to serve.
@@ -107,8 +108,8 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
     @app.post("/predict")
     def predict() -> dict[str, Any]:
         call = parse_predict_request(_json_object())
-        params = project_state.load_params(fast, call.project_id)
-        scheme = scheme_from_config(call.label_config, params.extra)
+        params = project_state.load_settings(fast, call.project_id)
+        scheme = scheme_from_config(call.label_config, params.controls)
         return predictor.predict(call, scheme, params)
 
     @app.post("/webhook")

@@ -1,10 +1,9 @@
 """Curated Label Studio annotations to spatial-instruction training records (DESIGN.md, "Training records").
 
-`convert_tasks` is the pure part: Label Studio's full JSON export of a project (a list of task dicts; not
-JSON_MIN, which loses the box-text link) plus the already fetched images become records and a report.
-`export_project` is the I/O around it: the export and the label config through the API client, the images
-through backend.export_images (fetched by backend.images, under the worker's rules), and the dataset folder
-written atomically. `register_cli` adds ``roi-model export --project N --out DIR``.
+`convert_tasks`: Label Studio's full JSON export of a project (a list of task dicts; not JSON_MIN, which
+loses the box-text link) plus the already fetched images become records and a report. No I/O here:
+backend/dataset.py fetches the export and the images and writes the dataset folder; backend/export_cli.py
+is ``roi-model export``.
 
 The rules:
 
@@ -12,7 +11,7 @@ The rules:
   annotations and are never read. When a task has a ground-truth annotation, the newest one wins and the
   others are left out; otherwise every annotation is its own record.
 * A rectangle joins its per-region TextArea or Choices items on the region id. caption and classification
-  ask the project's prompt (backend.labeling.Prompts), region_qa the question the annotator typed, reasoning
+  ask the project's prompt (roi_contract.project.Prompts), region_qa the question the annotator typed, reasoning
   the task's question from its data, where ``<regionK>`` is the K-th rectangle in result order. Regions
   without an answer are left out; the others are numbered in result order: ``<regionK>`` is
   ``regions[K-1]``.
@@ -39,38 +38,25 @@ content hash, so the same export gives byte-identical files; only manifest.json'
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
-import re
-import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from backend.atomic_files import write_bytes_atomically
-from backend.export_images import IMAGES_DIR, StoredImage, export_image
-from backend.images import ImageRejected, image_session
-from backend.labeling import LabelingScheme, Prompts, scheme_from_config
-from backend.ls_client import LabelStudioClient, LabelStudioError
-from backend.project_state import ProjectParams
-from backend.results import region_from_item
-from backend.settings import Settings
+from backend.describe_jobs import region_question, textarea_text
+from backend.export_images import StoredImage
+from backend.labeling import LabelingScheme
+from backend.regions import region_from_item
+from roi_contract.describe import REGION_REFERENCE
+from roi_contract.project import Prompts
+from roi_contract.records import TrainingRecord
+from roi_contract.validation import parse
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "data.jsonl"
-REPORT_FILE = "report.json"
-MANIFEST_FILE = "manifest.json"
 ORIGINS = ("prediction", "prediction-changed", "manual")
 UNKNOWN_ORIGIN = "unknown"
 MIXED_ORIGIN = "mixed"
-
-_REGION_TAG = re.compile(r"<region(\d+)>")
-_STORED_IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.[a-z]+")
 
 
 @dataclass
@@ -250,7 +236,7 @@ def _record(
 
     answers = [turn["source"] for turn in conversation if turn["from"] == "gpt"]
     origins = {answer["origin"] for answer in answers}
-    return {
+    record = {
         "id": f"ls:{project}:{task['id']}:{annotation['id']}",
         "image": image.path,
         "width": image.width,
@@ -271,6 +257,8 @@ def _record(
             "region_ids": region_ids,
         },
     }
+    parse(TrainingRecord, record, f"the record of annotation {annotation['id']}")  # what training will read
+    return record
 
 
 def _region_turns(
@@ -328,8 +316,8 @@ def _reasoning_turns(
     pixel_boxes = _pixel_boxes(annotation, scheme, image)
     question = (task.get("data") or {}).get(scheme.question_key)
     answer_item = next((i for i in annotation["result"] if i.get("from_name") == scheme.answer), None)
-    answer = _text(answer_item)
-    tags = [int(k) for k in _REGION_TAG.findall(question)] if isinstance(question, str) else []
+    answer = textarea_text(answer_item)
+    tags = [int(k) for k in REGION_REFERENCE.findall(question)] if isinstance(question, str) else []
     if any(not isinstance(box, list) for _, box in pixel_boxes):
         reason = "unusable_box"  # the question numbers the rectangles: one bad box breaks the numbering
     elif not isinstance(question, str) or not question.strip():
@@ -408,7 +396,7 @@ def _pixel_boxes(
 def _answer(item: Mapping[str, Any] | None, scheme: LabelingScheme) -> tuple[str | None, str | None]:
     """(answer, None) or (None, reason)."""
     if scheme.answer_type == "textarea":
-        text = _text(item)
+        text = textarea_text(item)
         return (text, None) if text else (None, "no_text")
     chosen = ((item or {}).get("value") or {}).get("choices") or []
     if not chosen:
@@ -428,19 +416,18 @@ def _question(
         return prompts.caption, None
     if scheme.kind == "classification":
         return prompts.classification_text(scheme.choices), None
-    typed = _text(typed_item)
+    typed = textarea_text(typed_item)
     if not typed:
         return None, "no_question"
-    if not _REGION_TAG.search(typed):
-        typed = f"<region1>: {typed}"  # as the backend asks it (backend.results.describe_request)
-    if any(k != "1" for k in _REGION_TAG.findall(typed)):
+    typed = region_question(typed)  # as the backend asks it
+    if any(k != "1" for k in REGION_REFERENCE.findall(typed)):
         return None, "question_refers_to_other_region"
     return typed, None
 
 
 def _renumbered(question: str, number: int) -> str:
     """The question about region 1 asked about region `number` of the record."""
-    return _REGION_TAG.sub(lambda m: f"<region{number}>" if m.group(1) == "1" else m.group(0), question)
+    return REGION_REFERENCE.sub(lambda m: f"<region{number}>" if m.group(1) == "1" else m.group(0), question)
 
 
 def _suggestion(origin: str, suggested_item: Mapping[str, Any] | None, scheme: LabelingScheme) -> str | None:
@@ -449,7 +436,7 @@ def _suggestion(origin: str, suggested_item: Mapping[str, Any] | None, scheme: L
     if scheme.answer_type == "choices":
         chosen = (suggested_item.get("value") or {}).get("choices") or []
         return ", ".join(str(choice) for choice in chosen) or None
-    return _text(suggested_item) or None
+    return textarea_text(suggested_item) or None
 
 
 def _origin(answer_item: Mapping[str, Any] | None, rectangle: Mapping[str, Any] | None) -> str:
@@ -477,19 +464,30 @@ def _known_predictions(task: Mapping[str, Any]) -> dict[Any, Mapping[str, Any]]:
     prediction LS recorded for it in full.
     """
     known: dict[Any, Mapping[str, Any]] = {}
-    candidates = [
-        *(task.get("predictions") or []),
-        *(a.get("prediction") for a in task.get("annotations") or []),
-    ]
+    predictions, annotations = task.get("predictions"), task.get("annotations")
+    candidates = (
+        [
+            *(predictions if isinstance(predictions, list) else []),
+            *(a.get("prediction") for a in annotations if isinstance(a, Mapping)),
+        ]
+        if isinstance(annotations, list)
+        else []
+    )
     for prediction in candidates:
         if isinstance(prediction, Mapping) and prediction.get("id") is not None:
             known.setdefault(prediction["id"], prediction)
     return known
 
 
-def unresolved_parent_predictions(task: Mapping[str, Any]) -> set:
-    """parent_prediction ids of the task's annotations whose full prediction the export lacks."""
-    parents = {a.get("parent_prediction") for a in task.get("annotations") or []} - {None}
+def unresolved_parent_predictions(task: Any) -> set:
+    """parent_prediction ids of a task's annotations whose full prediction the export lacks (none for
+    anything that is not a task: convert_tasks reports those)."""
+    if not isinstance(task, Mapping) or not _is_id(task.get("id")):
+        return set()
+    annotations = task.get("annotations")
+    if not isinstance(annotations, list):
+        return set()
+    parents = {a.get("parent_prediction") for a in annotations if isinstance(a, Mapping)} - {None}
     return parents - set(_known_predictions(task))
 
 
@@ -554,14 +552,6 @@ def _items_by_region(
     return items
 
 
-def _text(item: Mapping[str, Any] | None) -> str:
-    """A TextArea item's text: its submitted lines, stripped and joined by spaces."""
-    lines = ((item or {}).get("value") or {}).get("text") or []
-    if isinstance(lines, str):
-        lines = [lines]
-    return " ".join(line.strip() for line in lines if isinstance(line, str) and line.strip())
-
-
 def _image_url(task: Mapping[str, Any], scheme: LabelingScheme) -> str | None:
     url = (task.get("data") or {}).get(scheme.image_key)
     return url.strip() if isinstance(url, str) and url.strip() else None
@@ -571,132 +561,3 @@ def _annotator(annotation: Mapping[str, Any]) -> Any:
     completed_by = annotation.get("completed_by")
     # The JSON export gives the user id; some serializations give the user object.
     return completed_by.get("id") if isinstance(completed_by, Mapping) else completed_by
-
-
-# --- the I/O around it ---------------------------------------------------------------------------------
-
-
-def export_project(
-    client: LabelStudioClient,
-    project: int,
-    out_dir: Path,
-    settings: Settings,
-    extra_params: Any = None,
-) -> dict[str, Any]:
-    """Export `project` into `out_dir` (data.jsonl, images/, report.json, manifest.json); returns the report.
-
-    `extra_params` is the project's ML-backend extra params (a JSON object or its text): its prompts and
-    controls must be the ones the backend asks with. Images are fetched from settings.label_studio_url with
-    settings.label_studio_api_key, so `client` must be for that Label Studio. An image that cannot be had
-    leaves its annotations out and is named in the report. Raises LabelStudioError when Label Studio fails,
-    ValueError (UnsupportedConfig) for a label config this backend cannot read.
-    """
-    out_dir = Path(out_dir)
-    params = ProjectParams.from_extra_params(extra_params)
-    label_config = client.get_project(project).get("label_config") or ""
-    scheme = scheme_from_config(label_config, params.extra)
-    tasks = [_with_parent_predictions(client, task) for task in client.export_json(project)]
-    log.info("project %d: %d exported tasks (%s)", project, len(tasks), scheme.kind)
-
-    images: dict[str, StoredImage | str] = {}
-    with image_session() as session:  # one connection pool for all the images
-        for url, task_id in images_needed(tasks, scheme).items():
-            try:
-                images[url] = export_image(
-                    url, task_id=task_id, settings=settings, out_dir=out_dir, session=session
-                )
-            except ImageRejected as error:
-                log.warning("task %d: %s", task_id, error)
-                images[url] = str(error)
-    conversion = convert_tasks(tasks, scheme, params.prompts, project, images)
-    write_dataset(
-        out_dir,
-        conversion,
-        {
-            "project": project,
-            "kind": scheme.kind,
-            "label_config_sha256": _sha256(label_config.encode()),
-            "extra_params": params.extra,
-        },
-    )
-    return conversion.report
-
-
-def _with_parent_predictions(client: LabelStudioClient, task: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The task with its full predictions when the export lacks one an annotation came from."""
-    if isinstance(task, Mapping) and _is_id(task.get("id")) and unresolved_parent_predictions(task):
-        return {**task, "predictions": client.predictions(task["id"])}
-    return task
-
-
-def write_dataset(out_dir: Path, conversion: Conversion, manifest: Mapping[str, Any]) -> None:
-    """data.jsonl and report.json, stored images no record uses removed, then manifest.json (written last)."""
-    out_dir = Path(out_dir)
-    data = b"".join(_json_bytes(record) + b"\n" for record in conversion.records)
-    report = json.dumps(conversion.report, sort_keys=True, indent=1, ensure_ascii=False).encode() + b"\n"
-    write_bytes_atomically(out_dir / DATA_FILE, data)
-    write_bytes_atomically(out_dir / REPORT_FILE, report)
-    used = {record["image"] for record in conversion.records}
-    images_dir = out_dir / IMAGES_DIR
-    if images_dir.is_dir():
-        for path in sorted(images_dir.iterdir()):
-            # Only files this export names by content hash: anything else in the folder is left alone.
-            if _STORED_IMAGE_NAME.fullmatch(path.name) and f"{IMAGES_DIR}/{path.name}" not in used:
-                path.unlink()
-    summary = {
-        **manifest,
-        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "records": len(conversion.records),
-        "images": len(used),
-        "files": {DATA_FILE: _sha256(data), REPORT_FILE: _sha256(report)},
-    }
-    write_bytes_atomically(
-        out_dir / MANIFEST_FILE, json.dumps(summary, sort_keys=True, indent=1).encode() + b"\n"
-    )
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --- roi-model export ----------------------------------------------------------------------------------
-
-
-def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Add `export` to roi-model (entry point group "roi_model.commands")."""
-    command = add_command(
-        "export",
-        help="turn a Label Studio project's curated annotations into training records (LABEL_STUDIO_URL, ..._API_KEY)",
-    )
-    command.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    command.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="dataset folder: data.jsonl, images/, report.json, manifest.json",
-    )
-    command.add_argument(
-        "--extra-params",
-        help="the project's ML-backend extra params as JSON, for its prompts and controls "
-        '(e.g. \'{"prompts": {"caption": "Describe <region1>."}}\'); default: none',
-    )
-    command.set_defaults(func=run_export_command)
-
-
-def run_export_command(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    if not settings.label_studio_api_key:
-        print("roi-model export: set LABEL_STUDIO_API_KEY (and LABEL_STUDIO_URL)", file=sys.stderr)
-        return 2
-    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    try:
-        report = export_project(client, args.project, args.out, settings, args.extra_params)
-    except LabelStudioError as error:
-        print(f"roi-model export: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, sort_keys=True, ensure_ascii=False))
-    return 0

@@ -12,25 +12,29 @@ four kinds:
   a task-level TextArea for the model's answer (VCR style).
 - ``classification``: per-region Choices; the model picks one choice per box.
 
-`Prompts` holds the per-project prompt templates that Label Studio's /setup "extra_params" may set.
+Schemes are cached by config and controls: Label Studio sends the whole config with every /predict, and
+parsing it is the slowest part of a small request. A scheme holds its parsed LabelInterface, so nothing
+downstream parses the config again.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from cachetools import LRUCache, cached
 from label_studio_sdk._legacy.exceptions import LabelStudioXMLSyntaxErrorSentryIgnored
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import ControlTag
 from label_studio_sdk.label_interface.object_tags import ObjectTag
 
+from roi_contract.project import Controls
+
 Kind = Literal["caption", "region_qa", "reasoning", "classification"]
 
-# Roles that extra_params {"controls": {...}} may name explicitly.
-OVERRIDE_ROLES = ("image", "rectangle", "question", "answer")
-
+MAX_CONFIG_CHARS = 200_000
 _RECTANGLE_TAGS = ("rectangle", "rectanglelabels")
 _ANSWER_TAGS = ("textarea", "choices")
 
@@ -55,24 +59,30 @@ class LabelingScheme:
     question_key: str | None = None  # reasoning: task data key of the question
     choices: tuple[str, ...] = ()
     smart: bool = False  # the rectangle tool can trigger interactive pre-annotation
-    label_config: str = field(default="", repr=False)  # the XML itself, to validate predictions against
-
-    def interface(self) -> LabelInterface:
-        return LabelInterface(self.label_config)
+    # The parsed config, to validate predictions against; the same object for every request of a config.
+    interface: LabelInterface | None = field(default=None, repr=False, compare=False)
 
 
-def scheme_from_config(xml: str, overrides: Mapping[str, Any] | None = None) -> LabelingScheme:
+def scheme_from_config(xml: str, controls: Controls | None = None) -> LabelingScheme:
     """Interpret a label config; raise UnsupportedConfig naming the problem.
 
-    `overrides` is Label Studio's /setup "extra_params" object; only its "controls" key is read here,
-    e.g. ``{"controls": {"question": "q", "answer": "a"}}``. Without overrides the first match in
-    document order wins: per-region Choices make a classification scheme; two per-region TextAreas make
+    `controls` names tags for roles explicitly (the project's settings, roi_contract.project), e.g.
+    ``Controls(question="q", answer="a")``. Without them the first match in document order wins: per-region Choices make a classification scheme; two per-region TextAreas make
     region_qa (question first, answer second); one makes a caption scheme; a ``<Text value="$key">``
     plus a task-level TextArea make a reasoning scheme. Naming a per-region TextArea as "answer" without
     naming a "question" selects the caption kind.
     """
+    if not isinstance(xml, str) or not xml.strip():
+        raise UnsupportedConfig(f"label config is empty or not a string: {str(xml)[:80]!r}")
+    if len(xml) > MAX_CONFIG_CHARS:
+        raise UnsupportedConfig(f"label config is longer than {MAX_CONFIG_CHARS} characters")
+    return _cached_scheme(xml, controls or Controls())
+
+
+@cached(LRUCache(maxsize=64), lock=threading.Lock())
+def _cached_scheme(xml: str, controls: Controls) -> LabelingScheme:
     interface = _parse(xml)
-    named = _named_controls(interface, overrides)
+    named = _named_controls(interface, controls)
 
     image = _pick_image(interface, named)
     rectangle = _pick_rectangle(interface, image, named.get("rectangle"))
@@ -107,33 +117,20 @@ def scheme_from_config(xml: str, overrides: Mapping[str, Any] | None = None) -> 
         question_key=_data_key(question) if kind == "reasoning" else None,
         choices=tuple(answer.labels) if kind == "classification" else (),
         smart=_attr_true(rectangle, "smart") or _attr_true(rectangle, "smartOnly"),
-        label_config=xml,
+        interface=interface,
     )
 
 
 def _parse(xml: str) -> LabelInterface:
-    if not isinstance(xml, str) or not xml.strip():
-        raise UnsupportedConfig(f"label config is empty or not a string: {xml!r}")
     try:
         return LabelInterface(xml)
     except LabelStudioXMLSyntaxErrorSentryIgnored as exc:
         raise UnsupportedConfig(f"label config is not valid XML: {exc}") from exc
 
 
-def _named_controls(interface: LabelInterface, overrides: Mapping[str, Any] | None) -> dict[str, str]:
-    """The roles extra_params names explicitly, checked against the config."""
-    if not overrides:
-        return {}
-    if not isinstance(overrides, Mapping):
-        raise UnsupportedConfig(f"extra_params must be a JSON object, got {type(overrides).__name__}")
-    named = overrides.get("controls") or {}
-    if not isinstance(named, Mapping):
-        raise UnsupportedConfig(f"extra_params 'controls' must be a JSON object, got {type(named).__name__}")
-    unknown_roles = sorted(set(named) - set(OVERRIDE_ROLES))
-    if unknown_roles:
-        raise UnsupportedConfig(
-            f"extra_params 'controls' has unknown roles {unknown_roles}; known roles: {list(OVERRIDE_ROLES)}"
-        )
+def _named_controls(interface: LabelInterface, controls: Controls) -> dict[str, str]:
+    """The roles the project's settings name explicitly, checked against the config."""
+    named = controls.named()
     known_names = {tag.name for tag in [*interface.controls, *interface.objects]}
     missing = {role: name for role, name in named.items() if name not in known_names}
     if missing:
@@ -141,7 +138,7 @@ def _named_controls(interface: LabelInterface, overrides: Mapping[str, Any] | No
         raise UnsupportedConfig(
             f"extra_params 'controls' names tags the label config does not have: {listed}"
         )
-    return dict(named)
+    return named
 
 
 def _pick_image(interface: LabelInterface, named: Mapping[str, str]) -> ObjectTag:
@@ -275,37 +272,3 @@ def _data_key(obj: ObjectTag) -> str:
             f"<{obj.tag} name='{obj.name}'> has value={obj.value!r}; it must be a task data key like $image"
         )
     return obj.value_name
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """Prompt templates; each must mention <region1>, the box it is about.
-
-    In the classification prompt, "{choices}" is replaced by the allowed choices joined by ", "
-    (plain replacement, so other braces in a prompt stay as they are).
-    """
-
-    caption: str = "Describe <region1> briefly."
-    classification: str = "What is <region1>? Answer with one of: {choices}."
-
-    def __post_init__(self) -> None:
-        for name in ("caption", "classification"):
-            prompt = getattr(self, name)
-            if not isinstance(prompt, str) or "<region1>" not in prompt:
-                raise ValueError(f"the {name} prompt must be a string mentioning <region1>, got {prompt!r}")
-
-    @classmethod
-    def from_extra_params(cls, extra: Mapping[str, Any] | None) -> Prompts:
-        """Read {"prompts": {"caption": ..., "classification": ...}}; missing keys keep the defaults."""
-        prompts = (extra or {}).get("prompts") or {}
-        if not isinstance(prompts, Mapping):
-            raise ValueError(f"extra_params 'prompts' must be a JSON object, got {type(prompts).__name__}")
-        unknown = sorted(set(prompts) - {"caption", "classification"})
-        if unknown:
-            raise ValueError(
-                f"extra_params 'prompts' has unknown keys {unknown}; known: ['caption', 'classification']"
-            )
-        return cls(**prompts)
-
-    def classification_text(self, choices: tuple[str, ...]) -> str:
-        return self.classification.replace("{choices}", ", ".join(choices))

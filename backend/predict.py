@@ -37,11 +37,16 @@ import redis
 from rq.job import Job
 from werkzeug.exceptions import BadRequest
 
-from backend.labeling import LabelingScheme, Prompts
-from backend.project_state import ProjectParams, parse_project_id
+from backend.describe_jobs import describe_request
+from backend.labeling import LabelingScheme
+from backend.predictions import prediction_from_answers
+from backend.project_state import parse_project_id
 from backend.queues import INTERACTIVE, PRELABEL, JobFailed, JobTimeout, wait_for_result
-from backend.results import Region, describe_request, drawn_region, prediction_from_answers, task_regions
+from backend.regions import Region, drawn_region, task_regions
 from backend.submit import finished_return_value, submit_once
+from roi_contract.describe import DescribeRequest, DescribeResult
+from roi_contract.project import ProjectSettings, Prompts
+from roi_contract.validation import ContractError, parse
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ class TaskPlan:
 
     task_id: Any
     regions: Sequence[Region] = ()
-    request: dict[str, Any] | None = None
+    request: DescribeRequest | None = None
     outcome: dict[str, Any] | None = None
 
 
@@ -128,7 +133,7 @@ def plan_interactive(
         )
     except ValueError as exc:
         return TaskPlan(task.get("id"), outcome=failed(str(exc)))
-    if not request["questions"]:
+    if request is None:
         return TaskPlan(task.get("id"), outcome=failed(f"nothing to ask about region {region.id!r} yet"))
     return TaskPlan(task.get("id"), [region], request)
 
@@ -137,16 +142,16 @@ def plan_batch_task(
     task: Mapping[str, Any], scheme: LabelingScheme, prompts: Prompts, max_new_tokens: int
 ) -> TaskPlan:
     """Describe the regions a task already has; an empty result when it has none (or nothing to ask)."""
-    regions, source_result = task_regions(task, scheme)
-    if not regions:
-        return TaskPlan(task.get("id"), outcome=empty())
     try:
+        regions, source_result = task_regions(task, scheme)
+        if not regions:
+            return TaskPlan(task.get("id"), outcome=empty())
         request = describe_request(
             task, regions, scheme, prompts, source_result=source_result, max_new_tokens=max_new_tokens
         )
     except ValueError as exc:
-        return TaskPlan(task.get("id"), regions, outcome=failed(str(exc)))
-    if not request["questions"]:
+        return TaskPlan(task.get("id"), outcome=failed(str(exc)))
+    if request is None:
         return TaskPlan(task.get("id"), regions, outcome=empty())
     return TaskPlan(task.get("id"), regions, request)
 
@@ -159,9 +164,9 @@ def failed(reason: str) -> dict[str, Any]:
     return {"error": reason}
 
 
-def describe_job_id(request: Mapping[str, Any]) -> str:
+def describe_job_id(request: DescribeRequest) -> str:
     """The same id for the same describe payload."""
-    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return "describe-" + hashlib.sha256(canonical.encode()).hexdigest()[:40]
 
 
@@ -190,13 +195,15 @@ class Predictor:
         self.describe_job = describe_job
         self.prelabel_job = prelabel_job
 
-    def predict(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectParams) -> dict[str, Any]:
+    def predict(
+        self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings
+    ) -> dict[str, Any]:
         """The /predict reply: {"results": [one item per task, in order]}."""
         if call.interactive:
             return {"results": [self._interactive(call, scheme, params)]}
         return {"results": self._batch(call, scheme, params)}
 
-    def _interactive(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectParams) -> dict:
+    def _interactive(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> dict:
         task = call.tasks[0]
         plan = plan_interactive(task, call.context_result or [], scheme, params.prompts, self.max_new_tokens)
         if plan.request is not None:
@@ -210,7 +217,7 @@ class Predictor:
         # The labeling UI reads "result" directly: always give it one.
         return {"result": [], **outcome}
 
-    def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectParams) -> list[dict]:
+    def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> list[dict]:
         plans = [plan_batch_task(task, scheme, params.prompts, self.max_new_tokens) for task in call.tasks]
         to_describe = [plan for plan in plans if plan.request is not None]
         if len(to_describe) <= self.inline_tasks:
@@ -226,12 +233,12 @@ class Predictor:
         return [plan.outcome or failed("no outcome") for plan in plans]
 
     def _answer_ready_or_hand_over(
-        self, call: PredictRequest, plans: Sequence[TaskPlan], scheme: LabelingScheme, params: ProjectParams
+        self, call: PredictRequest, plans: Sequence[TaskPlan], scheme: LabelingScheme, params: ProjectSettings
     ) -> None:
         """Answer the tasks whose describe job already finished; one prelabel job writes back the rest."""
         pending = []
         for plan in plans:
-            ready, answer = finished_return_value(self.connection, describe_job_id(plan.request or {}))
+            ready, answer = finished_return_value(self.connection, describe_job_id(plan.request))
             if ready:
                 plan.outcome = self._prediction(plan, answer, scheme)
             else:
@@ -247,7 +254,7 @@ class Predictor:
             reuse_finished=False,
             project_id=call.project_id,
             task_ids=task_ids,
-            extra_params=params.extra or None,
+            project_settings=params.model_dump(mode="json", exclude_defaults=True) or None,
         )
         log.info(
             "project %s: %d tasks handed to prelabel job %s (%s)",
@@ -260,12 +267,12 @@ class Predictor:
             plan.outcome = {"status": "queued", "job_id": job.id}
 
     def _submit_describe(self, plan: TaskPlan) -> tuple[Job, bool]:
-        request = plan.request or {}
+        request = plan.request
         return submit_once(
             self.connection,
             INTERACTIVE,
             self.describe_job,
-            request,
+            request.model_dump(mode="json"),
             job_id=describe_job_id(request),
             reuse_finished=True,
         )
@@ -280,14 +287,10 @@ class Predictor:
         return self._prediction(plan, answer, scheme)
 
     def _prediction(self, plan: TaskPlan, answer: Any, scheme: LabelingScheme) -> dict[str, Any]:
-        if not isinstance(answer, dict) or not isinstance(answer.get("answers"), list):
-            return failed(f"the worker's answer has no 'answers' list: {str(answer)[:200]}")
-        model_version = answer.get("model_version")
-        if not isinstance(model_version, str) or not model_version:
-            return failed("the worker's answer has no 'model_version'")
         try:
-            return prediction_from_answers(
-                scheme, plan.regions, answer["answers"], model_version, request=plan.request
-            )
+            result = parse(DescribeResult, answer, "the worker's answer")
+            return prediction_from_answers(scheme, plan.regions, result, request=plan.request)
+        except ContractError as exc:
+            return failed(str(exc))
         except ValueError as exc:
             return failed(f"the worker's answer does not fit: {exc}")

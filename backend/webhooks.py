@@ -5,9 +5,9 @@ after 1 s (reference/label-studio.md §2.5), so handling one is a few Redis comm
 fine-tuning job when a trigger fires. Handled actions:
 
 * ANNOTATION_CREATED / ANNOTATION_UPDATED: count the event; a submitted (not skipped) annotation with a
-  result is *curated*. Record how many of its regions were proposals accepted unchanged, edited proposals,
-  or drawn by hand (the `origin` Label Studio keeps on every result item).
-* ANNOTATIONS_DELETED: count it and drop those annotations from the region statistics.
+  result is *curated*. (How often proposals were accepted is measured from the export's provenance, by
+  the fine-tuning run.)
+* ANNOTATIONS_DELETED: count it.
 * START_TRAINING ("Start Training" in Label Studio): enqueue fine-tuning.
 
 Every `train_every` curated annotations (the project's extra params, else the backend's setting; 0 = off)
@@ -16,14 +16,13 @@ also enqueue fine-tuning. One fine-tuning job per project at a time: its id is `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from backend import project_state
-from backend.project_state import RegionOrigins
 from backend.queues import TRAIN
 from backend.submit import submit_once
 
@@ -35,9 +34,6 @@ ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
 START_TRAINING = "START_TRAINING"
 HANDLED_ACTIONS = (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_DELETED, START_TRAINING)
 
-# A region made of several items (box + caption) counts once, by its most telling origin.
-_ORIGIN_RANK = {"prediction": 0, "manual": 1, "prediction-changed": 2}
-
 
 @dataclass(frozen=True)
 class WebhookEvent:
@@ -45,7 +41,6 @@ class WebhookEvent:
     project_id: int
     annotation_ids: tuple[int, ...] = ()
     curated: bool = False
-    origins: RegionOrigins = field(default_factory=RegionOrigins)
 
 
 def parse_event(body: Mapping[str, Any]) -> WebhookEvent | None:
@@ -74,29 +69,6 @@ def parse_event(body: Mapping[str, Any]) -> WebhookEvent | None:
         project_id,
         (_annotation_id(annotation),),
         curated=bool(result) and not annotation.get("was_cancelled"),
-        origins=region_origins(result),
-    )
-
-
-def region_origins(result: Sequence[Mapping[str, Any]]) -> RegionOrigins:
-    """Count the regions of an annotation result by origin; items sharing an id are one region.
-
-    A region with any "prediction-changed" item was edited; else any "manual" item makes it hand-drawn;
-    else it is an accepted proposal. Items without a known origin (imported annotations) are not counted.
-    """
-    region_origin: dict[Any, str] = {}
-    for item in result:
-        origin = item.get("origin") if isinstance(item, Mapping) else None
-        if origin not in _ORIGIN_RANK:
-            continue
-        previous = region_origin.get(item.get("id"))
-        if previous is None or _ORIGIN_RANK[origin] > _ORIGIN_RANK[previous]:
-            region_origin[item.get("id")] = origin
-    origins = list(region_origin.values())
-    return RegionOrigins(
-        accepted=origins.count("prediction"),
-        edited=origins.count("prediction-changed"),
-        manual=origins.count("manual"),
     )
 
 
@@ -114,20 +86,20 @@ def handle_event(
             "training": request_training(connection, event.project_id, START_TRAINING, finetune_job),
         }
     if event.action == ANNOTATIONS_DELETED:
-        project_state.forget_annotations(connection, event.project_id, event.annotation_ids)
+        project_state.count_event(
+            connection,
+            event.project_id,
+            "annotations_deleted",
+            curated=False,
+            amount=len(event.annotation_ids),
+        )
         return {"status": "recorded"}
 
-    curated_total = project_state.record_annotation(
-        connection,
-        event.project_id,
-        event.annotation_ids[0],
-        updated=event.action == ANNOTATION_UPDATED,
-        curated=event.curated,
-        origins=event.origins,
-    )
+    event_name = "annotations_updated" if event.action == ANNOTATION_UPDATED else "annotations_created"
+    curated_total = project_state.count_event(connection, event.project_id, event_name, curated=event.curated)
     reply: dict[str, Any] = {"status": "recorded", "curated": curated_total}
     if event.curated:
-        train_every = project_state.load_params(connection, event.project_id).train_every
+        train_every = project_state.load_settings(connection, event.project_id).train_every
         train_every = default_train_every if train_every is None else train_every
         if train_every and curated_total % train_every == 0:
             reason = f"{curated_total} curated annotations (training every {train_every})"

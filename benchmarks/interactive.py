@@ -59,9 +59,10 @@ from devstack.provision import (
     world_tasks,
 )
 from devstack.stack import REPO_ROOT, LogLines, Stack
+from roi_contract.describe import DescribeRequest
 from roi_model.engine import RegionEngine
 from roi_model.loading import resolve_device, resolve_dtype
-from worker.describe_request import parse_describe_request
+from worker.jobs import engine_request
 from worker.registry import ModelRegistry
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "demo"
@@ -199,12 +200,10 @@ def in_process(model_dir: Path, calls: Calls, warmup: int) -> tuple[list[float],
     engine = RegionEngine.from_pretrained(model_dir, device=str(device), dtype=resolve_dtype("auto", device))
     latencies, texts = [], []
     for number, (record, index, _) in enumerate(calls.items):
-        request = parse_describe_request(
-            calls.describe_request(record, index), default_max_new_tokens=MAX_NEW_TOKENS
-        )
+        request = DescribeRequest.model_validate(calls.describe_request(record, index))
         with Image.open(calls.world / record["image"]) as stored:
             image = ImageOps.exif_transpose(stored).convert("RGB")
-        milliseconds, [[answer]] = timed(engine.answer, [request.image_request(image)])
+        milliseconds, [[answer]] = timed(engine.answer, [engine_request(request, image)])
         text = answer.text
         if number >= warmup:
             latencies.append(milliseconds)

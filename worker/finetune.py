@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backend import project_state, registry_snapshot
-from backend.export import export_project
+from backend.dataset import export_project
 from backend.ls_client import LabelStudioClient
 from backend.queues import connect
 from roi_contract.records import dataset_digest
@@ -82,14 +82,14 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     if current is None:
         raise ValueError(f"no model version is served in {settings.model_dir}: nothing to fine-tune from")
     connection = context.connection or connect(settings)
-    params = project_state.load_params(connection, project_id)
-    options = {**DEFAULTS, **params.train}
+    params = project_state.load_settings(connection, project_id)
+    options = {**DEFAULTS, **params.train.given()}
     run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     started = time.monotonic()
 
     progress.report("exporting")
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-    export_report = export_project(client, project_id, run_dir / "export", settings, params.extra)
+    export_report = export_project(client, project_id, run_dir / "export", settings, params)
     train_path, held_out_path = split_by_task(run_dir / "export" / "data.jsonl")
     if not read_nonempty(train_path) or not read_nonempty(held_out_path):
         raise ValueError(

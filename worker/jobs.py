@@ -20,13 +20,19 @@ from typing import Any
 
 from PIL import Image
 
+from backend.describe_jobs import describe_request
 from backend.images import ImageRejected, RecentImages, load_image
-from backend.labeling import LabelingScheme, Prompts, scheme_from_config
+from backend.labeling import LabelingScheme, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
-from backend.results import Region, describe_request, prediction_from_answers, task_regions
+from backend.predictions import prediction_from_answers
+from backend.regions import Region, task_regions
 from backend.settings import Settings
+from roi_contract.describe import Answer, DescribeRequest, DescribeResult
+from roi_contract.project import ProjectSettings, Prompts
+from roi_contract.validation import parse
+from roi_model.engine import ImageRequest, RegionQuery
+from roi_model.generation import GenerationOptions
 from worker import process_context
-from worker.describe_request import DescribeRequest, parse_describe_request
 from worker.failures import is_transient
 from worker.finetune import finetune
 from worker.job_progress import JobProgress
@@ -41,19 +47,39 @@ _recent_images = RecentImages(ttl_s=60.0, max_bytes=64 * 1024 * 1024)
 
 
 def describe_regions(request: dict) -> dict:
-    """Answer the request's questions about its regions.
+    """Answer the request's questions about its regions (the describe job, roi_contract.describe).
 
-    Returns {"model_version": v, "answers": [{"id", "text", "score"}, ...]}, one answer per question in
-    question order; `score` is the mean token log-probability.
+    The request is checked in full before the image is fetched. Returns the DescribeResult as JSON: one
+    answer per question, in question order.
     """
     context = process_context.current()
-    settings = context.settings
-    parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
-    image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings, cache=_recent_images)
+    parsed = parse(DescribeRequest, request, "describe request")
+    image = load_image(
+        parsed.image.url, task_id=parsed.image.task_id, settings=context.settings, cache=_recent_images
+    )
     host = context.model()
-    engine, version = host.engine, host.version
-    [answers] = engine.answer([parsed.image_request(image)])
-    return {"model_version": version, "answers": parsed.answers_json(answers)}
+    [answers] = host.engine.answer([engine_request(parsed, image)])
+    return describe_result(parsed, answers, host.version).model_dump(mode="json")
+
+
+def engine_request(request: DescribeRequest, image: Image.Image) -> ImageRequest:
+    """The engine's request for a describe job, on its decoded image."""
+    return ImageRequest(
+        image,
+        [RegionQuery(question.text, request.boxes_of(question)) for question in request.questions],
+        GenerationOptions(max_new_tokens=request.max_new_tokens),
+    )
+
+
+def describe_result(request: DescribeRequest, answers: list, version: str) -> DescribeResult:
+    """The engine's answers as the job's result: one per question, in question order."""
+    return DescribeResult(
+        model_version=version,
+        answers=[
+            Answer(id=question.id, text=answer.text, score=answer.score)
+            for question, answer in zip(request.questions, answers, strict=True)
+        ],
+    )
 
 
 @dataclass
@@ -62,31 +88,32 @@ class _PlannedTask:
 
     task_id: int
     regions: list[Region]
-    job: dict[str, Any]  # the describe job as built from the task (its region numbering)
     request: DescribeRequest
     image: Image.Image
 
 
-def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | None = None) -> dict:
+def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict | None = None) -> dict:
     """Predict the regions of the given tasks of a project and store the predictions in Label Studio.
 
     Tasks that already hold a prediction from the served model version are skipped, so a retried or repeated
     job does no work twice. A task that cannot be predicted (no image, an image that cannot be fetched, a
     question that does not fit) is listed under "failed" with the reason; the others are still predicted.
-    `extra_params` is the project's /setup "extra_params" (controls and prompts; None: the config's defaults).
+    `project_settings` is the project's roi_contract.project.ProjectSettings as JSON (controls and prompts;
+    None: the defaults).
 
     Returns {"predicted", "skipped_existing", "skipped_no_regions", "failed": [{"task", "reason"}],
     "model_version"}.
     """
     _check_ids(project_id, task_ids)
+    settings_of_project = parse(ProjectSettings, project_settings or {}, "project settings")
     context = process_context.current()
     settings = context.settings
     if not settings.label_studio_api_key:
         raise ValueError("LABEL_STUDIO_API_KEY is not set: prelabeling reads tasks and writes predictions")
     client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
     project = client.get_project(project_id)
-    scheme = scheme_from_config(project["label_config"], extra_params)
-    prompts = Prompts.from_extra_params(extra_params)
+    scheme = scheme_from_config(project["label_config"], settings_of_project.controls)
+    prompts = settings_of_project.prompts
     host = context.model()
     engine, version = host.engine, host.version
     summary: dict[str, Any] = {
@@ -123,12 +150,11 @@ def prelabel_tasks(project_id: int, task_ids: list[int], extra_params: dict | No
 
     # One engine call for every question of every task: the engine batches across images.
     progress.report("answering", done=0, total=len(planned))
-    answers = engine.answer([plan.request.image_request(plan.image) for plan in planned]) if planned else []
+    answers = engine.answer([engine_request(plan.request, plan.image) for plan in planned]) if planned else []
     for done, (plan, task_answers) in enumerate(zip(planned, answers, strict=True), start=1):
         try:
-            prediction = prediction_from_answers(
-                scheme, plan.regions, plan.request.answers_json(task_answers), version, request=plan.job
-            )
+            result = describe_result(plan.request, task_answers, version)
+            prediction = prediction_from_answers(scheme, plan.regions, result, request=plan.request)
             client.create_prediction(plan.task_id, prediction["result"], prediction["score"], version)
         except (ValueError, LabelStudioError) as error:
             if is_transient(error):
@@ -156,11 +182,10 @@ def _plan(
         source_result=source_result,
         max_new_tokens=settings.max_new_tokens,
     )
-    if not request["questions"]:
+    if request is None:
         return None  # region_qa: no region carries a typed question
-    parsed = parse_describe_request(request, default_max_new_tokens=settings.max_new_tokens)
-    image = load_image(parsed.image_url, task_id=parsed.task_id, settings=settings)
-    return _PlannedTask(task["id"], regions, request, parsed, image)
+    image = load_image(request.image.url, task_id=request.image.task_id, settings=settings)
+    return _PlannedTask(task["id"], regions, request, image)
 
 
 def _check_ids(project_id: Any, task_ids: Any) -> None:

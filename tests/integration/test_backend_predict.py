@@ -155,7 +155,7 @@ def test_batch_answers_every_task_in_order(make_backend, worker):
     assert first["model_version"] == second["model_version"] == MODEL_VERSION
     assert third == {"result": [], "score": 0.0}
     assert "result" not in fourth  # Label Studio stores nothing and asks again
-    assert "task 4 has no 'image'" in fourth["error"]
+    assert "task 4 has no image URL under 'image'" in fourth["error"]
 
 
 def test_identical_concurrent_calls_share_one_job(make_backend, worker, redis_conn, tmp_path, wait_until):
@@ -203,7 +203,9 @@ def test_a_large_selection_answers_what_is_ready_and_hands_the_rest_to_prelabel(
     assert queued_32["job_id"].startswith("prelabel-3-")
     assert empty == {"result": [], "score": 0.0}
     calls = wait_until(lambda: fake_calls(redis_conn, "prelabel_tasks"), message="prelabel job ran")
-    assert calls == [{"job": "prelabel_tasks", "project_id": 3, "task_ids": [32, 33], "extra_params": extra}]
+    assert calls == [
+        {"job": "prelabel_tasks", "project_id": 3, "task_ids": [32, 33], "project_settings": extra}
+    ]
 
 
 def test_with_redis_down_predict_answers_503_at_once(make_backend, redis_server):

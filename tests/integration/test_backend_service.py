@@ -11,9 +11,10 @@ import pytest
 import requests
 
 from backend import heartbeats, registry_snapshot
-from backend.project_state import load_params
+from backend.project_state import load_settings
 from backend.settings import Settings
 from devstack.redis_server import free_port
+from roi_contract.project import ProjectSettings
 from tests.integration.backend_harness import config, running_backend
 
 CAPTION = config("region_captioning.xml")
@@ -69,8 +70,13 @@ def test_setup_stores_the_extra_params_and_returns_the_served_version(backend, r
     no_model = backend.post("/setup", setup_body(extra_params=extra))
     assert no_model.status_code == 503
     assert no_model.json()["model_version"] is None
-    stored = load_params(redis_conn, 5)
-    assert (stored.extra, stored.prompts.caption, stored.train_every) == (extra, "Name <region1>.", 3)
+    stored = load_settings(redis_conn, 5)
+    assert stored == ProjectSettings.from_extra_params(extra)
+    assert (stored.prompts.caption, stored.controls.answer, stored.train_every) == (
+        "Name <region1>.",
+        "caption",
+        3,
+    )
 
     heartbeats.beat(redis_conn, "gpu-0", {"model_version": "v2", "queues": ["interactive"]})
     assert backend.post("/setup", setup_body()).json() == {"model_version": "v2"}

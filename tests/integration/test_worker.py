@@ -39,18 +39,19 @@ DESCRIBE = "worker.jobs.describe_regions"
 def engine_answers(model_dir: Path, files_root: Path, request: dict) -> list[dict]:
     """The same request answered in this process by the engine directly."""
     from backend.images import load_image
+    from roi_contract.describe import DescribeRequest
     from roi_model.engine import RegionEngine
-    from worker.describe_request import parse_describe_request
+    from worker.jobs import describe_result, engine_request
 
-    parsed = parse_describe_request(request, default_max_new_tokens=48)
-    image = load_image(parsed.image_url, task_id=None, settings=Settings(local_files_root=files_root))
+    parsed = DescribeRequest.model_validate(request)
+    image = load_image(parsed.image.url, task_id=None, settings=Settings(local_files_root=files_root))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run (OMP_NUM_THREADS=1)
     try:
-        [answers] = RegionEngine.from_pretrained(model_dir).answer([parsed.image_request(image)])
+        [answers] = RegionEngine.from_pretrained(model_dir).answer([engine_request(parsed, image)])
     finally:
         torch.set_num_threads(threads)
-    return parsed.answers_json(answers)
+    return describe_result(parsed, answers, "unused").model_dump(mode="json")["answers"]
 
 
 def heartbeat(connection, name: str) -> dict | None:

@@ -106,15 +106,15 @@ def test_setup_rejects_an_unsupported_config_before_touching_redis(client):
     [
         (
             {"prompt": "x"},
-            "extra_params has unknown keys ['prompt']; known keys: ['prompts', 'controls', 'train_every', 'train']",
+            "extra_params: prompt: unknown field (known: prompts, controls, train_every, train)",
         ),
         (
             {"train_every": -1},
-            "extra_params 'train_every' must be a whole number >= 0 (0 turns it off), got -1",
+            "extra_params: train_every: Input should be greater than or equal to 0 (got -1)",
         ),
         (
             {"prompts": {"caption": "Describe it."}},
-            "the caption prompt must be a string mentioning <region1>",
+            "extra_params: prompts.caption: the prompt must mention <region1>",
         ),
         ({"controls": {"answer": "nosuch"}}, "names tags the label config does not have: answer='nosuch'"),
     ],

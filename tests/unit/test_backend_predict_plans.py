@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.labeling import Prompts, scheme_from_config
+from backend.labeling import scheme_from_config
 from backend.predict import (
     describe_job_id,
     empty,
@@ -13,6 +13,7 @@ from backend.predict import (
     plan_interactive,
     prelabel_job_id,
 )
+from roi_contract.project import Prompts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
 CAPTION = scheme_from_config((CONFIGS / "region_captioning.xml").read_text())
@@ -46,7 +47,7 @@ def test_interactive_plan_describes_only_the_last_manual_box():
     plan = plan_interactive(task(), context, CAPTION, PROMPTS, max_new_tokens=32)
 
     assert [region.id for region in plan.regions] == ["new"]
-    assert plan.request == {
+    assert plan.request.model_dump() == {
         "image": {"url": "/data/upload/1/a.png", "task_id": 1},
         "regions": [{"id": "new", "box": [0.5, 0.1, 0.7, 0.3]}],
         "questions": [{"id": "new:caption", "text": "Describe <region1> briefly.", "regions": ["new"]}],
@@ -87,7 +88,7 @@ def test_batch_plan_uses_the_newest_annotation_and_gives_an_empty_result_without
     plan = plan_batch_task(annotated, CAPTION, PROMPTS, 32)
     bare = plan_batch_task(task(annotations=[], predictions=[]), CAPTION, PROMPTS, 32)
 
-    assert [region["id"] for region in plan.request["regions"]] == ["a", "b"]
+    assert [region["id"] for region in plan.request.model_dump()["regions"]] == ["a", "b"]
     assert (bare.request, bare.outcome) == (None, empty())
 
 
@@ -97,7 +98,7 @@ def test_batch_plan_for_a_task_without_image_is_an_error_item_without_result():
     )
 
     assert plan.request is None
-    assert plan.outcome == {"error": "task 9 has no 'image' in its data"}
+    assert plan.outcome == {"error": "task 9 has no image URL under 'image' in its data"}
 
 
 def test_batch_region_qa_asks_the_typed_questions():
@@ -112,17 +113,17 @@ def test_batch_region_qa_asks_the_typed_questions():
 
     plan = plan_batch_task(answered, REGION_QA, PROMPTS, 32)
 
-    assert plan.request["questions"] == [
+    assert plan.request.model_dump()["questions"] == [
         {"id": "q1:region_qa", "text": "<region1>: what colour is it?", "regions": ["q1"]}
     ]
-    assert [region["id"] for region in plan.request["regions"]] == ["q1"]
+    assert [region["id"] for region in plan.request.model_dump()["regions"]] == ["q1"]
 
 
 def test_job_ids_depend_only_on_the_payload():
     request = plan_interactive(task(), [rectangle("r", origin="manual")], CAPTION, PROMPTS, 32).request
     moved = plan_interactive(task(), [rectangle("r", x=11, origin="manual")], CAPTION, PROMPTS, 32).request
 
-    assert describe_job_id(request) == describe_job_id(dict(reversed(list(request.items()))))
+    assert describe_job_id(request) == describe_job_id(request.model_copy())
     assert describe_job_id(request) != describe_job_id(moved)
     assert describe_job_id(request).startswith("describe-")
     assert prelabel_job_id(3, [2, 1]) == prelabel_job_id(3, [1, 2]) != prelabel_job_id(4, [1, 2])

@@ -1,4 +1,4 @@
-"""backend.webhooks and backend.project_state without Redis: reading events, origins and extra params."""
+"""backend.webhooks and backend.project_state without Redis: reading events and project ids."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from backend.labeling import Prompts
-from backend.project_state import ProjectParams, RegionOrigins, parse_project_id
-from backend.webhooks import parse_event, region_origins
+from backend.project_state import parse_project_id
+from backend.webhooks import parse_event
 
 
 def item(region_id, origin, kind="rectanglelabels"):
@@ -22,20 +21,6 @@ def item(region_id, origin, kind="rectanglelabels"):
     }
 
 
-def test_region_origins_count_each_region_once_by_its_most_telling_origin():
-    result = [
-        item("a", "prediction"),
-        item("a", "prediction", "textarea"),
-        item("b", "prediction"),
-        item("b", "prediction-changed", "textarea"),  # caption edited: the region was edited
-        item("c", "manual"),
-        item("c", "manual", "textarea"),
-        {"id": "d", "type": "rectanglelabels", "value": {}},  # imported: no origin, not counted
-    ]
-
-    assert region_origins(result) == RegionOrigins(accepted=1, edited=1, manual=1)
-
-
 def test_annotation_event_is_curated_unless_skipped_or_empty():
     def event(**annotation):
         body = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 5, **annotation}}
@@ -44,7 +29,6 @@ def test_annotation_event_is_curated_unless_skipped_or_empty():
     submitted = event(result=[item("a", "prediction")])
 
     assert (submitted.project_id, submitted.annotation_ids, submitted.curated) == (3, (5,), True)
-    assert submitted.origins == RegionOrigins(accepted=1)
     assert not event(result=[item("a", "manual")], was_cancelled=True).curated
     assert not event(result=[]).curated
 
@@ -88,20 +72,3 @@ def test_project_id_of_each_form_label_studio_sends():
     for bad in (None, "", "x.1", "0.1", True, -3, {"id": 1}):
         with pytest.raises(ValueError, match="project must be"):
             parse_project_id(bad)
-
-
-def test_extra_params_are_read_and_checked():
-    params = ProjectParams.from_extra_params(
-        '{"prompts": {"caption": "Name <region1>."}, "controls": {"answer": "caption"}, "train_every": 0}'
-    )
-
-    assert params.prompts == Prompts(caption="Name <region1>.")
-    assert params.controls == {"answer": "caption"}
-    assert params.train_every == 0
-    assert ProjectParams.from_extra_params(None) == ProjectParams()
-    with pytest.raises(ValueError, match="extra_params is not valid JSON"):
-        ProjectParams.from_extra_params("{oops")
-    with pytest.raises(ValueError, match="must be a JSON object, got list"):
-        ProjectParams.from_extra_params([1])
-    with pytest.raises(ValueError, match="'train_every' must be a whole number"):
-        ProjectParams.from_extra_params({"train_every": True})

@@ -1,4 +1,4 @@
-"""backend.export: Label Studio's JSON export to training records, and the export around it.
+"""backend.export and backend.dataset: Label Studio's JSON export to training records, and the export around it.
 
 The pure conversion is tested on task dicts shaped like Label Studio 1.23.2's full JSON export (captured
 from a real one: a task's "predictions" are ids, every annotation carries the prediction LS recorded for it
@@ -25,23 +25,20 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
+from backend.dataset import DATA_FILE, MANIFEST_FILE, REPORT_FILE, export_project, write_dataset
 from backend.export import (
-    DATA_FILE,
-    MANIFEST_FILE,
-    REPORT_FILE,
     check_report,
     convert_tasks,
-    export_project,
     images_needed,
     select_annotations,
     unresolved_parent_predictions,
-    write_dataset,
 )
 from backend.export_images import StoredImage, export_image
 from backend.images import ImageRejected
-from backend.labeling import Prompts, scheme_from_config
+from backend.labeling import scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
+from roi_contract.project import Prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "labeling_configs"
@@ -902,7 +899,7 @@ def label_studio() -> Iterator[StandInLabelStudio]:
     ]
     server.serve(
         f"/api/projects/{PROJECT}/",
-        {"id": PROJECT, "title": "captions", "label_config": CAPTION.label_config},
+        {"id": PROJECT, "title": "captions", "label_config": (CONFIGS / "region_captioning.xml").read_text()},
     )
     server.serve(f"/api/projects/{PROJECT}/export", exported)
     server.serve("/api/predictions/", [prediction(5, [caption("r1", "a red square")], task=17)])

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.labeling import LabelingScheme, Prompts, UnsupportedConfig, scheme_from_config
+from backend.labeling import LabelingScheme, UnsupportedConfig, scheme_from_config
+from roi_contract.project import Controls
 
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
 
@@ -68,7 +69,6 @@ def test_each_shipped_config_is_valid_and_gives_its_scheme(name):
         rectangle="label",
         rectangle_type="rectanglelabels",
         default_label="Object",
-        label_config=xml,
         **EXPECTED[name],
     )
     assert scheme_from_config(xml) == expected
@@ -203,44 +203,33 @@ def test_without_overrides_the_first_two_per_region_textareas_are_question_and_a
 
 
 def test_naming_only_the_answer_makes_a_caption_scheme():
-    scheme = scheme_from_config(THREE_TEXTAREAS, {"controls": {"answer": "caption"}})
+    scheme = scheme_from_config(THREE_TEXTAREAS, Controls(answer="caption"))
     assert (scheme.kind, scheme.question, scheme.answer) == ("caption", None, "caption")
 
 
 def test_naming_question_and_answer_picks_them():
-    scheme = scheme_from_config(THREE_TEXTAREAS, {"controls": {"question": "q", "answer": "notes"}})
+    scheme = scheme_from_config(THREE_TEXTAREAS, Controls(question="q", answer="notes"))
     assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "q", "notes")
 
 
 def test_naming_only_the_question_takes_the_first_other_per_region_textarea_as_answer():
-    scheme = scheme_from_config(THREE_TEXTAREAS, {"controls": {"question": "caption"}})
+    scheme = scheme_from_config(THREE_TEXTAREAS, Controls(question="caption"))
     assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "caption", "notes")
-
-
-def test_other_extra_params_are_ignored():
-    scheme = scheme_from_config(
-        read_config("region_captioning.xml"), {"prompts": {"caption": "Name <region1>."}}
-    )
-    assert scheme.kind == "caption"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"controls": {"answer": "nope", "question": "notes"}}, "does not have: answer='nope'"),
-        ({"controls": {"answr": "caption"}}, "unknown roles ['answr']"),
-        ({"controls": {"answer": "label"}}, "answer 'label' is a <RectangleLabels>"),
-        ({"controls": {"question": "caption", "answer": "caption"}}, "other than the answer 'caption'"),
-        ({"controls": {"image": "label"}}, "image 'label' is a <RectangleLabels>, not an <Image>"),
-        ({"controls": "caption"}, "'controls' must be a JSON object"),
+        (Controls(answer="nope", question="notes"), "does not have: answer='nope'"),
+        (Controls(answer="label"), "answer 'label' is a <RectangleLabels>"),
+        (Controls(question="caption", answer="caption"), "other than the answer 'caption'"),
+        (Controls(image="label"), "image 'label' is a <RectangleLabels>, not an <Image>"),
     ],
     ids=[
         "unknown-name",
-        "unknown-role",
         "answer-not-fillable",
         "question-is-answer",
         "image-not-image",
-        "not-object",
     ],
 )
 def test_bad_overrides_are_rejected_by_name(overrides, message):
@@ -266,7 +255,7 @@ def test_overriding_the_rectangle_and_the_reasoning_question():
         "intro",
     )
 
-    named = scheme_from_config(xml, {"controls": {"rectangle": "plain", "question": "ask"}})
+    named = scheme_from_config(xml, Controls(rectangle="plain", question="ask"))
     assert (named.rectangle, named.rectangle_type, named.question, named.question_key) == (
         "plain",
         "rectangle",
@@ -283,40 +272,4 @@ def test_a_non_per_region_choices_cannot_be_the_answer():
         '<Choices name="quality" toName="image"><Choice value="good"/></Choices>',
     )
     with pytest.raises(UnsupportedConfig, match="answer 'quality' must be per-region"):
-        scheme_from_config(xml, {"controls": {"answer": "quality"}})
-
-
-def test_default_prompts_mention_region1():
-    prompts = Prompts()
-    assert prompts.caption == "Describe <region1> briefly."
-    assert prompts.classification_text(("Cat", "Dog")) == "What is <region1>? Answer with one of: Cat, Dog."
-
-
-def test_prompts_from_extra_params_override_only_what_is_given():
-    prompts = Prompts.from_extra_params({"prompts": {"caption": "In five words, what is <region1>?"}})
-    assert prompts == Prompts(caption="In five words, what is <region1>?")
-    assert Prompts.from_extra_params(None) == Prompts()
-    assert Prompts.from_extra_params({"controls": {}}) == Prompts()
-
-
-def test_classification_prompt_keeps_other_braces():
-    prompts = Prompts(classification="Label <region1> {strictly}: {choices}")
-    assert prompts.classification_text(("A",)) == "Label <region1> {strictly}: A"
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (
-            {"prompts": {"caption": "Describe the object."}},
-            "the caption prompt must be a string mentioning <region1>",
-        ),
-        ({"prompts": {"classification": "Pick one of {choices}"}}, "the classification prompt must"),
-        ({"prompts": {"summary": "<region1>"}}, "unknown keys ['summary']"),
-        ({"prompts": ["Describe <region1>."]}, "'prompts' must be a JSON object"),
-    ],
-)
-def test_bad_prompts_are_rejected(extra, message):
-    with pytest.raises(ValueError) as error:
-        Prompts.from_extra_params(extra)
-    assert message in str(error.value)
+        scheme_from_config(xml, Controls(answer="quality"))

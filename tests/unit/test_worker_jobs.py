@@ -20,11 +20,11 @@ from tiny_models import make_tiny, noise_image
 from backend.images import ImageRejected, ImageUnavailable
 from backend.ls_client import LabelStudioError
 from backend.settings import Settings
+from roi_contract.describe import DescribeRequest
 from roi_model.assembly import save_pretrained
 from roi_model.engine import RegionEngine
-from worker.describe_request import MAX_NEW_TOKENS_LIMIT, parse_describe_request
 from worker.failures import is_transient
-from worker.jobs import describe_regions
+from worker.jobs import describe_regions, engine_request
 from worker.logs import JsonLinesFormatter
 from worker.model_host import ModelHost, NoModelServed
 from worker.process_context import WorkerContext, activate, current
@@ -42,80 +42,6 @@ def request(**changes) -> dict:
         "max_new_tokens": 8,
     }
     return {**base, **changes}
-
-
-# --- describe requests ---------------------------------------------------------------------------------
-
-
-def test_a_request_resolves_each_questions_regions_in_its_own_order():
-    parsed = parse_describe_request(request(), default_max_new_tokens=48)
-
-    assert (parsed.image_url, parsed.task_id, parsed.max_new_tokens) == ("scene.png", 17, 8)
-    assert [q.boxes for q in parsed.questions] == [
-        ((0.1, 0.2, 0.45, 0.6),),
-        ((0.5, 0.5, 0.9, 0.9), (0.1, 0.2, 0.45, 0.6)),  # <region1> is r2 here
-    ]
-    without_limit = {k: v for k, v in request().items() if k != "max_new_tokens"}
-    assert parse_describe_request(without_limit, default_max_new_tokens=48).max_new_tokens == 48
-
-
-def with_region(box) -> dict:
-    return request(regions=[{"id": "r1", "box": box}, {"id": "r2", "box": [0.5, 0.5, 0.9, 0.9]}])
-
-
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        (["not", "an", "object"], "must be a JSON object, got list"),
-        (request(image=None), '"image" must be an object with a "url", got null'),
-        (request(image={"url": " "}), '"image" needs a non-empty "url" string'),
-        (request(image={"url": "a.png", "task_id": "17"}), '"task_id" must be an integer or null'),
-        (
-            {k: v for k, v in request().items() if k != "regions"},
-            'the describe request has no "regions" list',
-        ),
-        (request(questions={}), '"questions" must be a list, got dict'),
-        (request(questions=[]), '"questions" is empty'),
-        (with_region([0.4, 0.2, 0.4, 0.7]), "region 'r1': box [0.4, 0.2, 0.4, 0.7] has zero area"),
-        (with_region([0.1, 0.2, 0.05, 0.7]), "has zero area"),
-        (with_region([0.1, 0.2, 1.5, 0.7]), "lies outside the image"),
-        (with_region([0.1, 0.2, 0.5]), "box must be four numbers"),
-        (with_region([0.1, 0.2, True, 0.7]), "box must be four numbers"),
-        (with_region([0.1, 0.2, float("nan"), 0.7]), "not a finite number"),
-        (request(regions=[{"id": "r1", "box": [0, 0, 1, 1]}] * 2), "region id 'r1' appears twice"),
-        (request(regions=[{"box": [0, 0, 1, 1]}]), 'region 0 needs a non-empty string "id"'),
-        (
-            request(questions=[{"id": "q", "text": "What is <region1>?", "regions": ["r9"]}]),
-            "question 'q' refers to region 'r9', which the request does not have (it has 'r1', 'r2')",
-        ),
-        (
-            request(questions=[{"id": "q", "text": "Is <region2> red?", "regions": ["r1"]}]),
-            "question 'q' mentions <region2>, but lists 1 region(s)",
-        ),
-        (
-            request(questions=[{"id": "q", "text": "What is <region1>?", "regions": ["r1", "r2"]}]),
-            "question 'q' lists region 'r2' but never mentions it as <region2>",
-        ),
-        (
-            request(questions=[{"id": "q", "text": "", "regions": []}]),
-            "question 'q' needs a non-empty \"text\"",
-        ),
-        (
-            request(questions=[{"id": "q", "text": "x", "regions": "r1"}]),
-            '"regions" must be a list of region ids',
-        ),
-        (
-            request(questions=[{"id": "q", "text": "Is <region1> red?", "regions": ["r1"]}] * 2),
-            "question id 'q' appears twice",
-        ),
-        (request(max_new_tokens=0), f'"max_new_tokens" must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}'),
-        (request(max_new_tokens=MAX_NEW_TOKENS_LIMIT + 1), '"max_new_tokens" must be an integer'),
-    ],
-)
-def test_a_bad_request_names_its_problem(bad, message):
-    with pytest.raises(ValueError) as error:
-        parse_describe_request(bad, default_max_new_tokens=48)
-    assert message in str(error.value)
 
 
 # --- which failures are retried -------------------------------------------------------------------------
@@ -227,18 +153,31 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
     try:
         result = describe_regions(request())
         with pytest.raises(ValueError, match="has zero area"):  # before the (missing) image is read
-            describe_regions(with_region([0.4, 0.2, 0.4, 0.7]) | {"image": {"url": "nowhere.png"}})
+            zero_area = request(
+                regions=[{"id": "r1", "box": [0.4, 0.2, 0.4, 0.7]}, {"id": "r2", "box": [0.5, 0.5, 0.9, 0.9]}]
+            )
+            describe_regions(zero_area | {"image": {"url": "nowhere.png"}})
     finally:
         activate(None)
 
-    parsed = parse_describe_request(request(), default_max_new_tokens=48)
+    parsed = DescribeRequest.model_validate(request())
     with Image.open(files / "scene.png") as image:
-        [answers] = RegionEngine.from_pretrained(registry.path("v7")).answer([parsed.image_request(image)])
+        [answers] = RegionEngine.from_pretrained(registry.path("v7")).answer([engine_request(parsed, image)])
     assert result == {
         "model_version": "v7",
         "answers": [
-            {"id": "r1:caption", "text": answers[0].text, "score": pytest.approx(answers[0].score, abs=1e-5)},
-            {"id": "pair", "text": answers[1].text, "score": pytest.approx(answers[1].score, abs=1e-5)},
+            {
+                "id": "r1:caption",
+                "text": answers[0].text,
+                "score": pytest.approx(answers[0].score, abs=1e-5),
+                "truncated": False,
+            },
+            {
+                "id": "pair",
+                "text": answers[1].text,
+                "score": pytest.approx(answers[1].score, abs=1e-5),
+                "truncated": False,
+            },
         ],
     }
     with pytest.raises(NoModelServed, match="job functions run inside roi-worker"):

@@ -1,0 +1,141 @@
+"""backend.regions: Label Studio result items to regions, boxes normalized to the displayed image."""
+
+import pytest
+from ls_results import CAPTION, TASK, rectangle, textarea
+
+from backend.regions import drawn_region, region_from_item, regions_from_result, task_regions
+
+# --- boxes --------------------------------------------------------------------------------------------
+
+
+def test_box_is_the_percent_box_over_100():
+    region = region_from_item(rectangle("r1", 60, 30, 25, 30, size=(640, 480)))
+    assert region.box == (0.6, 0.3, 0.85, 0.6)
+    assert (region.id, region.labels, region.original_width, region.original_height) == (
+        "r1",
+        ("Object",),
+        640,
+        480,
+    )
+
+
+def test_rotated_box_becomes_its_bounding_box_in_pixel_space():
+    # 800x600 image: x=80 px, y=120 px, 160x60 px, turned 90° clockwise around its top-left corner,
+    # covers x 20..80 px and y 120..280 px.
+    region = region_from_item(rectangle("r1", 10, 20, 20, 10, rotation=90))
+    assert region.box == (0.025, 0.2, 0.1, 0.466667)
+
+
+def test_box_turned_half_way_lies_up_and_left_of_its_corner():
+    # Corner at (400, 300) px, 160x60 px turned 180°: x 240..400, y 240..300.
+    assert region_from_item(rectangle("r1", 50, 50, 20, 10, rotation=180)).box == (0.3, 0.4, 0.5, 0.5)
+
+
+def test_rotated_box_without_image_size_treats_percent_space_as_square():
+    region = region_from_item(rectangle("r1", 10, 20, 20, 10, rotation=90, size=None))
+    assert region.box == (0.0, 0.2, 0.1, 0.4)
+    assert (region.original_width, region.original_height) == (None, None)
+
+
+def test_boxes_are_clipped_to_the_image():
+    assert region_from_item(rectangle("r1", 90, 95, 20, 10)).box == (0.9, 0.95, 1.0, 1.0)
+    # Turned 90°, a box at x=40 px that is 60 px tall reaches 20 px left of the image.
+    assert region_from_item(rectangle("r2", 5, 20, 20, 10, rotation=90)).box[0] == 0.0
+
+
+def test_a_rectangle_without_geometry_is_an_error():
+    item = rectangle("r1", 10, 10, 10, 10)
+    del item["value"]["width"]
+    with pytest.raises(ValueError, match=r"rectangle 'r1' value.width must be a number, got 'None'"):
+        region_from_item(item)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"value": "x"}, "rectangle 'r1' has no 'value' object"),
+        ({"value": {"x": "10", "y": 1, "width": 1, "height": 1}}, r"value\.x must be a number, got '10'"),
+        ({"value": {"x": 10**400, "y": 1, "width": 1, "height": 1}}, r"value\.x must be a finite percentage"),
+        ({"value": {"x": 1e308, "y": 1, "width": 1, "height": 1}}, r"value\.x must be a finite percentage"),
+        ({"value": {"x": True, "y": 1, "width": 1, "height": 1}}, r"value\.x must be a number"),
+        ({"original_width": "800"}, "original_width must be a positive pixel count"),
+    ],
+    ids=["value-not-object", "string", "400-digits", "huge", "bool", "size-string"],
+)
+def test_malformed_geometry_names_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        region_from_item({**rectangle("r1", 10, 10, 10, 10), **change})
+
+
+def test_regions_from_result_keeps_only_the_rectangle_control_in_order():
+    result = [
+        rectangle("b", 10, 10, 10, 10),
+        textarea("b", "caption", "a cat"),
+        {"id": "x", "from_name": "other", "to_name": "image", "type": "rectanglelabels", "value": {}},
+        rectangle("a", 50, 50, 10, 10),
+    ]
+    assert [region.id for region in regions_from_result(result, CAPTION)] == ["b", "a"]
+
+
+# --- which regions ------------------------------------------------------------------------------------
+
+
+def test_drawn_region_is_the_last_manual_rectangle():
+    context = [
+        rectangle("pred1", 10, 10, 10, 10, origin="prediction"),
+        rectangle("new1", 40, 40, 10, 10, origin="manual"),
+        rectangle("new2", 40, 40, 10, 10, origin="manual"),  # the same box again under another id
+        rectangle("pred2", 70, 70, 10, 10, origin="prediction"),
+    ]
+    assert drawn_region(context, CAPTION).id == "new2"
+
+
+def test_drawn_region_without_manual_rectangles_is_the_last_rectangle():
+    context = [rectangle("p1", 10, 10, 10, 10, origin="prediction"), rectangle("p2", 20, 20, 10, 10)]
+    assert drawn_region(context, CAPTION).id == "p2"
+
+
+def test_drawn_region_needs_a_rectangle():
+    with pytest.raises(ValueError, match="no rectangle from control 'label'"):
+        drawn_region([textarea("r1", "caption", "hi")], CAPTION)
+
+
+def entry(entry_id, updated_at, result, **extra):
+    return {"id": entry_id, "created_at": updated_at, "updated_at": updated_at, "result": result, **extra}
+
+
+def test_task_regions_skip_cancelled_annotations_and_take_the_newest():
+    task = {
+        **TASK,
+        "annotations": [
+            entry(1, "2025-01-01T10:00:00.000000Z", [rectangle("old", 10, 10, 10, 10)], was_cancelled=False),
+            entry(2, "2025-01-02T10:00:00.000000Z", [rectangle("mid", 10, 10, 10, 10)], was_cancelled=False),
+            entry(3, "2025-01-03T10:00:00.000000Z", [rectangle("gone", 10, 10, 10, 10)], was_cancelled=True),
+        ],
+        "drafts": [entry(9, "2025-01-04T10:00:00.000000Z", [rectangle("draft", 10, 10, 10, 10)])],
+        "predictions": [entry(7, "2025-01-05T10:00:00.000000Z", [rectangle("pred", 10, 10, 10, 10)])],
+    }
+    regions, result = task_regions(task, CAPTION)
+    assert [region.id for region in regions] == ["mid"]
+    assert result == task["annotations"][1]["result"]
+
+
+def test_task_regions_fall_back_to_the_newest_draft_then_prediction():
+    empty_annotation = entry(1, "2025-01-03T10:00:00.000000Z", [], was_cancelled=False)
+    predictions = [
+        entry(7, "2025-01-05T10:00:00.000000Z", [rectangle("new-pred", 10, 10, 10, 10)]),
+        entry(6, "2025-01-01T10:00:00.000000Z", [rectangle("old-pred", 10, 10, 10, 10)]),
+    ]
+    drafts = [
+        entry(8, "2025-01-02T10:00:00.000000Z", [rectangle("old-draft", 10, 10, 10, 10)]),
+        entry(9, "2025-01-04T10:00:00.000000Z", [rectangle("new-draft", 10, 10, 10, 10)]),
+    ]
+    with_drafts = {**TASK, "annotations": [empty_annotation], "drafts": drafts, "predictions": predictions}
+    assert [region.id for region in task_regions(with_drafts, CAPTION)[0]] == ["new-draft"]
+
+    without_drafts = {**TASK, "annotations": [empty_annotation], "predictions": predictions}
+    assert [region.id for region in task_regions(without_drafts, CAPTION)[0]] == ["new-pred"]
+
+
+def test_task_regions_of_a_bare_task_are_empty():
+    assert task_regions(TASK, CAPTION) == ([], [])
