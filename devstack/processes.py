@@ -53,7 +53,9 @@ class ManagedProcess:
         cwd: str | os.PathLike | None = None,
         sink: Sink = _print_sink,
         prefix: str | None = None,
+        record: os.PathLike | str | None = None,
     ):
+        """`record`: a file that also receives every output line, whole (the tail keeps the last ones only)."""
         if not argv:
             raise ValueError(f"{name}: argv is empty")
         self.name = name
@@ -65,6 +67,7 @@ class ManagedProcess:
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._popen: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
+        self.record = Path(record) if record is not None else None
 
     def start(self) -> ManagedProcess:
         if self._popen is not None:
@@ -96,13 +99,23 @@ class ManagedProcess:
 
     def _pump(self) -> None:
         assert self._popen is not None and self._popen.stdout is not None
-        for raw in self._popen.stdout:
-            line = raw.rstrip("\r\n")
-            self._tail.append(line)
-            try:
-                self._sink(self._prefix + line)
-            except Exception:  # a broken sink must not stop us from draining the pipe
-                log.exception("output sink of %s failed", self.name)
+        recorded = open(self.record, "a") if self.record is not None else None  # noqa: SIM115 (closed below)
+        try:
+            for raw in self._popen.stdout:
+                self._take(raw.rstrip("\r\n"), recorded)
+        finally:
+            if recorded is not None:
+                recorded.close()
+
+    def _take(self, line: str, recorded) -> None:
+        if recorded is not None:
+            recorded.write(line + "\n")
+            recorded.flush()
+        self._tail.append(line)
+        try:
+            self._sink(self._prefix + line)
+        except Exception:  # a broken sink must not stop us from draining the pipe
+            log.exception("output sink of %s failed", self.name)
 
     @property
     def pid(self) -> int:
@@ -113,9 +126,32 @@ class ManagedProcess:
         """None while the process runs."""
         return self._require_started().poll()
 
+    @property
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
     def tail(self) -> list[str]:
         """The last output lines (at most TAIL_LINES)."""
         return list(self._tail)
+
+    def recorded(self) -> str:
+        """Everything the process printed so far (needs `record`)."""
+        if self.record is None:
+            raise RuntimeError(f"{self.name} records no output: start it with record=PATH")
+        return self.record.read_text(errors="replace") if self.record.exists() else ""
+
+    def send_signal(self, signum: int) -> None:
+        """A signal to the process itself (not its group), as a terminal's Ctrl-C reaches a program."""
+        self._require_started().send_signal(signum)
+
+    def kill(self) -> int:
+        """SIGKILL to the process group, as a crash would; returns the exit code."""
+        popen = self._require_started()
+        self._signal_group(signal.SIGKILL)
+        code = popen.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return code
 
     def _require_started(self) -> subprocess.Popen[str]:
         if self._popen is None:

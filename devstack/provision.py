@@ -5,7 +5,7 @@ A second `make demo` on the same state finds what the first one made and reuses 
 * `import_model`: a model directory enters the registry once (recognised by the digest of its files) and
   is served from then on; importing the same directory again changes nothing, so a version promoted
   later (fine-tuning) stays served.
-* `ensure_world`: the synthetic world (images, data.jsonl with the true answers, tasks.json) is generated
+* `ensure_world`: the synthetic world (images, data.jsonl with the true answers) and its tasks.json are generated
   once per (size, seed, values left out) below Label Studio's local-files root, its image URLs relative to
   that root. `held_back` reads which values a model never saw (its card.json), to leave them out too.
 * `ensure_project`: the project (found by title), a Local Files storage for the world's images (without it
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.ls_client import JSON, LabelStudioClient, translated_errors
-from roi_model.synthetic import WORLD_VERSION, generate_world, label_studio_rectangle
+from devstack.world_tasks import TASKS_FILE, label_studio_rectangle, write_tasks
+from roi_model.synthetic import WORLD_VERSION, generate_world
 from worker.registry import CARD_FILE, ModelRegistry, card_version
 
 log = logging.getLogger(__name__)
@@ -122,14 +123,15 @@ def ensure_world(
     if stamp.is_file() and stamp.read_text() == wanted:
         return folder
     stamp.unlink(missing_ok=True)
-    generate_world(folder, images, seed, url_prefix=url_prefix, exclude=exclude)
+    generate_world(folder, images, seed, exclude=exclude)
+    write_tasks(folder, url_prefix=url_prefix)
     stamp.write_text(wanted)
     return folder
 
 
 def world_tasks(world: Path) -> list[JSON]:
     """The world's Label Studio tasks: the image URL, the record id, the boxes as a prediction."""
-    return json.loads((Path(world) / "tasks.json").read_text())
+    return json.loads((Path(world) / TASKS_FILE).read_text())
 
 
 def world_records(world: Path) -> dict[str, JSON]:

@@ -95,9 +95,7 @@ def synth(args: argparse.Namespace) -> int:
 
     exclude = {args.exclude_attribute: set(args.exclude_value)} if args.exclude_value else None
     only = {args.only_attribute: set(args.only_value)} if args.only_value else None
-    summary = generate_world(
-        args.out, args.images, args.seed, url_prefix=args.url_prefix, exclude=exclude, include_only=only
-    )
+    summary = generate_world(args.out, args.images, args.seed, exclude=exclude, include_only=only)
     print_json({"out": str(args.out), **asdict(summary)})
     return 0
 
@@ -205,14 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(func=info)
 
     command = commands.add_parser(
-        "synth", help="write a synthetic region world (images, JSONL, Label Studio tasks)"
+        "synth", help="write a synthetic region world (images and spatial-instruction JSONL)"
     )
     command.add_argument("--out", type=Path, required=True)
     command.add_argument("--images", type=int, required=True)
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument(
-        "--url-prefix", default="/data/local-files/?d=", help="prefix of image URLs in tasks.json"
-    )
     command.add_argument("--exclude-attribute", default="colour", help="attribute of --exclude-value")
     command.add_argument(
         "--exclude-value", action="append", help="leave this value out of the world (repeatable)"

@@ -5,14 +5,14 @@ attributes (colour, shape, size class), and every image comes with a multi-turn 
 about its regions: captions, attribute questions and two-region relations. The world is fully
 determined by its seed, so a data set can be rebuilt byte for byte.
 
-`generate_world` writes three things into a folder:
+`generate_world` writes two things into a folder (devstack/world_tasks.py turns them into Label Studio
+tasks):
 
 - ``images/``: PNGs, and about one JPEG in five that carries an EXIF Orientation tag (its pixels
   are stored rotated, so it shows the generated world only after ``ImageOps.exif_transpose``);
 - ``data.jsonl``: one spatial-instruction record per image (the training-record format of
   DESIGN.md), with pixel boxes of the *displayed* image, plus ``"objects"`` (attributes aligned
-  with ``regions``) and a ``"kind"`` on each human turn, for per-kind evaluation;
-- ``tasks.json``: a Label Studio task import with the boxes as rectangle predictions.
+  with ``regions``) and a ``"kind"`` on each human turn, for per-kind evaluation.
 
 Pixel boxes are ``[x1, y1, x2, y2]`` edges: ``x2 - x1`` is the width in pixels, so the last
 object column is ``x2 - 1``.
@@ -150,16 +150,12 @@ def generate_world(
     images: int,
     seed: int,
     *,
-    url_prefix: str = "/data/local-files/?d=",
     questions_per_image: int = DEFAULT_QUESTIONS_PER_IMAGE,
     kind_weights: Mapping[str, float] | None = None,
     exclude: Mapping[str, set[str]] | None = None,
     include_only: Mapping[str, set[str]] | None = None,
-    from_name: str = "label",
-    to_name: str = "image",
-    rectangle_label: str = "Object",
 ) -> WorldSummary:
-    """Write `images` images, data.jsonl and tasks.json into `out_dir`; return what was made.
+    """Write `images` images and data.jsonl into `out_dir`; return what was made.
 
     The world depends only on `seed` and the attribute restrictions; image i is the same whatever
     `images` is. `exclude` leaves attribute values out entirely ({"colour": {"purple"}});
@@ -185,7 +181,6 @@ def generate_world(
     )
     # World-wide alternation keeps yes/no (and first/second) balanced to within one.
     balance = {"left": itertools.cycle((True, False)), "larger": itertools.cycle((True, False))}
-    tasks = []
     with open(out_dir / "data.jsonl", "w", encoding="utf-8") as records:
         for index in range(images):
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
@@ -210,13 +205,7 @@ def generate_world(
                 },
             }
             records.write(json.dumps(record) + "\n")
-            tasks.append(
-                _label_studio_task(
-                    record, url_prefix + image_path, seed, index, from_name, to_name, rectangle_label
-                )
-            )
             _count(summary, objects, conversation, orientation)
-    (out_dir / "tasks.json").write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
     log.info("synthetic world seed %d: %d images in %s", seed, images, out_dir)
     return summary
 
@@ -454,64 +443,6 @@ def _question(
     large, small = (i, j) if objects[i].size == "large" else (j, i)
     a, b = (large, small) if next(balance["larger"]) else (small, large)
     return QUESTION_TEMPLATES["larger"].format(a=tag(a), b=tag(b)), tag(large).strip("<>")
-
-
-def label_studio_rectangle(
-    box: Sequence[float],
-    width: int,
-    height: int,
-    region_id: str,
-    *,
-    from_name: str = "label",
-    to_name: str = "image",
-    rectangle_label: str = "Object",
-) -> dict:
-    """A pixel box [x1, y1, x2, y2] on a width x height image as a Label Studio rectangle result."""
-    x1, y1, x2, y2 = box
-    return {
-        "id": region_id,
-        "from_name": from_name,
-        "to_name": to_name,
-        "type": "rectanglelabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {
-            "x": x1 / width * 100,
-            "y": y1 / height * 100,
-            "width": (x2 - x1) / width * 100,
-            "height": (y2 - y1) / height * 100,
-            "rotation": 0,
-            "rectanglelabels": [rectangle_label],
-        },
-    }
-
-
-def _label_studio_task(
-    record: Mapping,
-    image_url: str,
-    seed: int,
-    index: int,
-    from_name: str,
-    to_name: str,
-    rectangle_label: str,
-) -> dict:
-    result = [
-        label_studio_rectangle(
-            box,
-            record["width"],
-            record["height"],
-            f"s{seed}i{index}r{k + 1}",
-            from_name=from_name,
-            to_name=to_name,
-            rectangle_label=rectangle_label,
-        )
-        for k, box in enumerate(record["regions"])
-    ]
-    return {
-        "data": {"image": image_url, "record_id": record["id"]},
-        "predictions": [{"model_version": "synthetic-boxes", "result": result}],
-    }
 
 
 def _count(

@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,22 +32,13 @@ from backend.ls_client import LabelStudioClient
 from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
 from devstack.provision import import_model
 from devstack.stack import LogLines, Stack
+from tests.waiting import wait_until  # noqa: F401 (the e2e tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 DEMO_MODEL = REPO_ROOT / "models" / "demo"
 SCREENSHOTS = REPO_ROOT / "labeling_configs" / "screenshots"
 T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], T], timeout_s: float, message: str, poll_s: float = 0.2) -> T:
-    """Poll `condition` until it returns something truthy (returned); fail the test at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} not met within {timeout_s:g} s")
-        time.sleep(poll_s)
-    return value
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from backend.ls_client import LabelStudioClient
 from devstack.demo import IMAGES, PROJECT_TITLE
+from devstack.processes import ManagedProcess
 from devstack.provision import has_prediction
 from tests.e2e.conftest import ServedModel
 
@@ -42,48 +41,28 @@ class Ready:
 
 
 class DemoRun:
-    """`python -m devstack.demo ...` as a child process; its output is kept in memory and in `log_path`."""
+    """`python -m devstack.demo ...` as a devstack ManagedProcess; its whole output is kept in `log_path`."""
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
         self.log_path = log_path
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.popen = subprocess.Popen(
+        self.process = ManagedProcess(
+            "demo",
             [sys.executable, "-m", "devstack.demo", *argv],
             cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+            sink=lambda line: None,
+            record=log_path,
+        ).start()
 
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        with open(self.log_path, "a") as log:
-            for line in self.popen.stdout:
-                log.write(line)
-                with self._changed:
-                    self.lines.append(line.rstrip("\n"))
-                    self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+    @property
+    def lines(self) -> list[str]:
+        return self.process.recorded().splitlines()
 
     def wait_ready(self, timeout_s: float) -> Ready:
         """The parsed banner, once the demo printed it; fails the test if the demo exits or times out."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while not any(line == "Ctrl-C stops everything." for line in self.lines):
-                if self.popen.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(
-                        f"the demo exited with {self.popen.returncode} before it was ready:\n{self.tail()}"
-                    )
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the demo was not ready within {timeout_s:g} s:\n{self.tail()}")
-                self._changed.wait(timeout=1)
-            start = max(i for i, line in enumerate(self.lines) if _BANNER["seconds"].match(line))
-            banner = self.lines[start:]
+        self.process.wait_ready(lambda: "Ctrl-C stops everything." in self.lines, timeout_s, interval_s=1)
+        lines = self.lines
+        start = max(i for i, line in enumerate(lines) if _BANNER["seconds"].match(line))
+        banner = lines[start:]
         found = {}
         for line in banner:
             for key, pattern in _BANNER.items():
@@ -100,10 +79,8 @@ class DemoRun:
 
     def interrupt(self, timeout_s: float = 90) -> int:
         """Ctrl-C, as in a terminal; returns the exit code."""
-        self.popen.send_signal(signal.SIGINT)
-        code = self.popen.wait(timeout=timeout_s)
-        self._reader.join(timeout=10)
-        return code
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout_s)
 
     def tail(self, count: int = 40) -> str:
         return "\n".join(self.lines[-count:])
@@ -112,13 +89,12 @@ class DemoRun:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.popen.poll() is None:  # a failed test: stop it the way a user would
-            self.popen.send_signal(signal.SIGINT)
+        if self.process.running:  # a failed test: stop it the way a user would
+            self.process.send_signal(signal.SIGINT)
             try:
-                self.popen.wait(timeout=60)
+                self.process.wait(60)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+                self.process.kill()
 
 
 @pytest.fixture

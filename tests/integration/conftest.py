@@ -2,8 +2,8 @@
 
 * `redis_server`: an EmbeddedRedis (AOF in tmp_path), started; stop()/start()/kill() it to test outages.
 * `redis_conn`: a client from backend.queues.connect, the way the backend and the worker connect.
-* `start_process`: start any command as a child process with its output in a log file; every process
-  still running at the end of the test is stopped (SIGTERM, then SIGKILL).
+* `start_process`: start any command as a devstack ManagedProcess with its output in a file; every
+  process still running at the end of the test is stopped (SIGTERM, then SIGKILL).
 * `wait_until`: poll a condition with a deadline (tests synchronise on conditions, never on sleeps).
 * `start_rq_worker`: a plain RQ SimpleWorker on the test Redis, with the project's serializer; it can run
   the functions of tests/integration/jobs_for_tests.py (`JOBS`).
@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,68 +21,18 @@ import redis
 
 from backend.queues import PRIORITY_ORDER, SERIALIZER, connect
 from backend.settings import Settings
+from devstack.processes import ManagedProcess
 from devstack.redis_server import EmbeddedRedis
+from tests import waiting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS = "tests.integration.jobs_for_tests"
 
 
-class ChildProcess:
-    """A child process started by a test, with its stdout and stderr in `log_path`."""
-
-    def __init__(self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.argv = list(argv)
-        self.log_path = log_path
-        child_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-        with open(log_path, "ab") as log_file:
-            self.popen = subprocess.Popen(
-                self.argv, cwd=REPO_ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 10.0) -> int:
-        """SIGTERM (an RQ worker then finishes its job and exits), SIGKILL after `timeout_s`."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                return self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait(timeout=timeout_s)
-
-    def kill(self) -> int:
-        """SIGKILL, as a crash would."""
-        if self.alive():
-            self.popen.kill()
-        return self.popen.wait(timeout=10)
-
-
-def _wait_until(
-    condition: Callable[[], object], timeout_s: float = 10.0, message: str = "condition"
-) -> object:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} not met within {timeout_s} s")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def wait_until() -> Callable[..., object]:
     """wait_until(condition, timeout_s=10, message=...): poll until truthy (returned), fail the test at the deadline."""
-    return _wait_until
+    return waiting.wait_until
 
 
 @pytest.fixture
@@ -113,11 +60,20 @@ def redis_conn(redis_settings: Settings) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def start_process(tmp_path: Path) -> Iterator[Callable[..., ChildProcess]]:
-    started: list[ChildProcess] = []
+def start_process(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+    """start_process(*argv, env=None, name=...): a devstack ManagedProcess in the repository root, its whole
+    output in a file (`recorded()`); every process still running at the end of the test is stopped."""
+    started: list[ManagedProcess] = []
 
-    def start(*argv: str, env: dict[str, str] | None = None, name: str = "process") -> ChildProcess:
-        child = ChildProcess(argv, tmp_path / f"{name}-{len(started)}.log", env=env)
+    def start(*argv: str, env: dict[str, str] | None = None, name: str = "process") -> ManagedProcess:
+        child = ManagedProcess(
+            name,
+            argv,
+            env={"PYTHONPATH": str(REPO_ROOT), **(env or {})},
+            cwd=REPO_ROOT,
+            sink=lambda line: None,
+            record=tmp_path / f"{name}-{len(started)}.log",
+        ).start()
         started.append(child)
         return child
 
@@ -128,9 +84,9 @@ def start_process(tmp_path: Path) -> Iterator[Callable[..., ChildProcess]]:
 
 @pytest.fixture
 def start_rq_worker(
-    redis_server: EmbeddedRedis, start_process: Callable[..., ChildProcess]
-) -> Callable[..., ChildProcess]:
-    def start(queues: Sequence[str] = PRIORITY_ORDER, *extra_args: str) -> ChildProcess:
+    redis_server: EmbeddedRedis, start_process: Callable[..., ManagedProcess]
+) -> Callable[..., ManagedProcess]:
+    def start(queues: Sequence[str] = PRIORITY_ORDER, *extra_args: str) -> ManagedProcess:
         return start_process(
             sys.executable, "-m", "rq.cli", "worker",
             "--url", redis_server.url,
@@ -199,7 +155,7 @@ class WorkerLauncher:
 
     def __call__(
         self, name: str = "w1", *flags: str, env: dict[str, str] | None = None, ready: bool = True
-    ) -> ChildProcess:
+    ) -> ManagedProcess:
         """Start worker `name`; with `ready`, return once its heartbeat says "idle"."""
         child = self.start_process(
             sys.executable, "-m", "worker.main",
@@ -213,20 +169,20 @@ class WorkerLauncher:
             self.wait_ready(name, child)
         return child
 
-    def many(self, *names: str, flags: Sequence[str] = ()) -> dict[str, ChildProcess]:
+    def many(self, *names: str, flags: Sequence[str] = ()) -> dict[str, ManagedProcess]:
         """Start several workers at once and wait until all are ready."""
         children = {name: self(name, *flags, ready=False) for name in names}
         for name, child in children.items():
             self.wait_ready(name, child)
         return children
 
-    def wait_ready(self, name: str, child: ChildProcess, timeout_s: float = 120.0) -> None:
+    def wait_ready(self, name: str, child: ManagedProcess, timeout_s: float = 120.0) -> None:
         from backend.heartbeats import live_workers
 
         deadline = time.monotonic() + timeout_s
         while not any(w["name"] == name and w["state"] == "idle" for w in live_workers(self.connection)):
-            if not child.alive() or time.monotonic() > deadline:
-                pytest.fail(f"worker {name} did not become ready; its log:\n{child.log()[-3000:]}")
+            if not child.running or time.monotonic() > deadline:
+                pytest.fail(f"worker {name} did not become ready; its log:\n{child.recorded()[-3000:]}")
             time.sleep(0.05)
 
 
@@ -234,7 +190,7 @@ class WorkerLauncher:
 def start_worker(
     redis_server: EmbeddedRedis,
     redis_conn: redis.Redis,
-    start_process: Callable[..., ChildProcess],
+    start_process: Callable[..., ManagedProcess],
     model_registry,
     worker_files: Path,
     image_server,

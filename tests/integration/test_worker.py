@@ -6,6 +6,7 @@ conditions (a heartbeat, a held HTTP request, a log line), never on sleeps.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -107,7 +108,7 @@ def test_a_describe_job_round_trips_and_matches_the_engine(
     )
     assert twin.returncode == 1
     assert "a live worker named 'w1' is already running" in twin.stderr
-    assert worker.alive()
+    assert worker.running
 
 
 def test_a_job_whose_worker_is_killed_is_run_again_by_another_worker(
@@ -128,13 +129,13 @@ def test_a_job_whose_worker_is_killed_is_run_again_by_another_worker(
     # maintenance passes over it well after the 3 s lease the job started with.
     held_since = time.time()
     wait_until(
-        lambda: maintenance_passes(workers[other].log(), PRELABEL, after=held_since + 6) >= 2,
+        lambda: maintenance_passes(workers[other].recorded(), PRELABEL, after=held_since + 6) >= 2,
         timeout_s=60,
         message="maintenance passes of the other worker",
     )
     assert job.get_status(refresh=True) == JobStatus.STARTED
     assert job.id in StartedJobRegistry(PRELABEL, connection=redis_conn).get_job_ids()
-    assert executions([workers[other].log()], job.id) == 0
+    assert executions([workers[other].recorded()], job.id) == 0
 
     workers[holder].kill()
     image_server.release("slow.png")
@@ -143,8 +144,8 @@ def test_a_job_whose_worker_is_killed_is_run_again_by_another_worker(
     assert result["model_version"] == "v1" and result["answers"][0]["id"] == "r1:caption"
     job.refresh()
     assert job.worker_name == other
-    assert executions([workers[holder].log()], job.id) == 1
-    assert executions([workers[other].log()], job.id) == 1
+    assert executions([workers[holder].recorded()], job.id) == 1
+    assert executions([workers[other].recorded()], job.id) == 1
     assert job.retries_left == QUEUES[PRELABEL].retry.max - 1
     assert StartedJobRegistry(PRELABEL, connection=redis_conn).count == 0
     assert FailedJobRegistry(PRELABEL, connection=redis_conn).count == 0
@@ -160,7 +161,7 @@ def test_the_worker_reconnects_after_redis_restarts(redis_conn, redis_server, st
 
     assert wait_for_result(job, timeout_s=60)["model_version"] == "v1"
     job.refresh()
-    assert job.worker_name == "w1" and worker.alive()
+    assert job.worker_name == "w1" and worker.running
     wait_until(lambda: heartbeat(redis_conn, "w1"), timeout_s=30, message="the heartbeat back")
 
 
@@ -194,8 +195,8 @@ def test_poison_jobs_fail_at_once_with_their_reason_and_the_worker_goes_on(
         assert wait_for_result(good, timeout_s=60)["model_version"] == "v1", label
         good.refresh()
         assert good.worker_name == "w1", label
-        assert executions([worker.log()], poison.id) == 1, f"{label}: retried"
-    assert worker.alive()
+        assert executions([worker.recorded()], poison.id) == 1, f"{label}: retried"
+    assert worker.running
     assert FailedJobRegistry(PRELABEL, connection=redis_conn).count == len(POISONS)
 
 
@@ -208,7 +209,7 @@ def test_a_transient_failure_is_retried_on_a_queue_with_retry_only(
     image_server.fail("flaky.png", 503, times=1)
     bulk = enqueue(redis_conn, PRELABEL, DESCRIBE, describe_request(url))
     assert wait_for_result(bulk, timeout_s=60)["model_version"] == "v1"
-    assert executions([worker.log()], bulk.id) == 2
+    assert executions([worker.recorded()], bulk.id) == 2
     assert image_server.requests["flaky.png"] == 2
 
     # another image: the worker keeps recently fetched images, so "flaky.png" would not be fetched again
@@ -217,7 +218,7 @@ def test_a_transient_failure_is_retried_on_a_queue_with_retry_only(
     interactive = enqueue(redis_conn, INTERACTIVE, DESCRIBE, describe_request(other))
     with pytest.raises(JobFailed, match="HTTP 503"):
         wait_for_result(interactive, timeout_s=60)
-    assert executions([worker.log()], interactive.id) == 1
+    assert executions([worker.recorded()], interactive.id) == 1
 
 
 def test_200_jobs_from_8_clients_on_2_workers_are_each_answered_once(redis_conn, redis_server, start_worker):
@@ -251,7 +252,7 @@ def test_200_jobs_from_8_clients_on_2_workers_are_each_answered_once(redis_conn,
     assert errors == []
     assert len(results) == 200
     assert all(result["answers"][0]["id"] == question for question, result in results.values())
-    counts = started_jobs(worker.log() for worker in workers)
+    counts = started_jobs(worker.recorded() for worker in workers)
     assert {job_id: counts[job_id] for job_id in results} == dict.fromkeys(results, 1)
     served = {Job.fetch(job_id, connection=redis_conn).worker_name for job_id in results}
     assert served == {"w1", "w2"}
@@ -285,8 +286,8 @@ def test_a_promoted_model_serves_the_next_job_without_a_restart(
     model_registry.promote("v3")
     third = wait_for_result(enqueue(redis_conn, INTERACTIVE, DESCRIBE, request), timeout_s=60)
     assert third["model_version"] == "v2"
-    assert "model version v3 cannot be loaded" in worker.log()
-    assert worker.alive()
+    assert "model version v3 cannot be loaded" in worker.recorded()
+    assert worker.running
 
 
 def test_sigterm_finishes_the_job_in_hand_then_exits(
@@ -298,12 +299,12 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(
     job = enqueue(redis_conn, INTERACTIVE, DESCRIBE, describe_request(url))
     wait_until(lambda: image_server.waiting["slow.png"] == 1, timeout_s=30, message="the job in progress")
 
-    worker.popen.terminate()
+    worker.send_signal(signal.SIGTERM)
     wait_until(lambda: (heartbeat(redis_conn, "w1") or {}).get("state") == "stopping", message="stopping")
     image_server.release("slow.png")
 
     assert wait_for_result(job, timeout_s=60)["model_version"] == "v1"
-    assert worker.popen.wait(timeout=30) == 0
+    assert worker.wait(30) == 0
     assert heartbeat(redis_conn, "w1") is None
     assert healthcheck("--name", "w1", redis_url=redis_server.url).returncode == 1
 

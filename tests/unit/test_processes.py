@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack.processes import ManagedProcess, ProcessFailed, ProcessGroup
+from tests.waiting import wait_until
 
 PY = sys.executable
 
@@ -31,14 +32,6 @@ class Lines:
     def __call__(self, line: str) -> None:
         with self._lock:
             self.lines.append(line)
-
-
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def is_gone(pid: int) -> bool:

@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
 from worker.registry import ModelRegistry, RegistryError, UnknownVersion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,15 +28,6 @@ def model_dir(path: Path, marker: str = "weights", files: int = 2) -> Path:
     (path / "tokenizer").mkdir()
     (path / "tokenizer" / "tokenizer.json").write_text("{}")
     return path
-
-
-def wait_for(condition, timeout_s: float = 20.0, message: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} not met within {timeout_s} s")
-        time.sleep(0.01)
-    return value
 
 
 @pytest.fixture
@@ -223,7 +214,7 @@ def test_a_publisher_killed_mid_copy_leaves_no_visible_version(registry, source,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
-        wait_for(half_copied.exists, message="the publisher copied half the model")
+        wait_until(half_copied.exists, message="the publisher copied half the model")
     finally:
         publisher.send_signal(signal.SIGKILL)
         publisher.wait(timeout=10)
@@ -261,7 +252,7 @@ def test_a_reader_never_sees_a_partial_current_file(registry, source, tmp_path):
         [sys.executable, "-c", READER, str(registry.current_file), str(ready), str(stop), str(report)]
     )
     try:
-        wait_for(ready.exists, message="the reader started")
+        wait_until(ready.exists, message="the reader started")
         for index in range(200):
             registry.promote("v2" if index % 2 == 0 else "v1")
     finally:
