@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from roi_contract.describe import DEFAULT_MAX_NEW_TOKENS
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value its setting cannot take."""
@@ -38,7 +40,7 @@ class Settings:
     predict_timeout_s: float = 20.0
     # Batch /predict answers up to this many tasks inline; larger selections go to the prelabel queue.
     inline_predict_tasks: int = 8
-    max_new_tokens: int = 48
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     # Image fetching (backend/images.py: the worker and the export share it)
     image_allowed_hosts: tuple[str, ...] = ()
     local_files_root: Path | None = None
