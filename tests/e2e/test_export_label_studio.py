@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend.export import DATA_FILE, MANIFEST_FILE, REPORT_FILE, export_project
+from backend.dataset import DATA_FILE, MANIFEST_FILE, REPORT_FILE, export_project
 from backend.ls_client import LabelStudioClient
 from backend.settings import Settings
 from devstack.label_studio import LabelStudio
