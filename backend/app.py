@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
             workers = heartbeats.live_workers(fast)
             version = served_version(fast, workers)
         except redis.RedisError as exc:
-            return jsonify(status="DOWN", reason=f"Redis is unreachable: {exc}"), 503
+            return jsonify(status="DOWN", reason=redis_problem(exc)), 503
         if not workers:
             return jsonify(status="DOWN", reason="no live worker: start a worker (roi-worker)"), 503
         return jsonify(status="UP", model_version=version, workers=workers), 200
@@ -149,6 +149,19 @@ def served_version(connection: redis.Redis, workers: list[dict]) -> str | None:
     return next((w["model_version"] for w in workers if w.get("model_version")), None)
 
 
+def redis_problem(error: redis.RedisError) -> str:
+    """What a Redis error means for whoever waits on the backend, in one line."""
+    if isinstance(error, redis.exceptions.OutOfMemoryError):
+        return f"Redis is full (maxmemory reached), try again once it has room: {error}"
+    if isinstance(error, redis.BusyLoadingError):
+        return f"Redis is loading its data after a restart, try again shortly: {error}"
+    if isinstance(error, redis.ReadOnlyError):
+        return f"Redis is a read-only replica (a failover in progress?): {error}"
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        return f"Redis is unreachable: {error}"
+    return f"Redis refused the request: {type(error).__name__}: {error}"
+
+
 def _json_object() -> dict[str, Any]:
     raw = request.get_data()
     if not raw.strip():
@@ -198,11 +211,11 @@ def _register_error_handlers(app: Flask) -> None:
         log.warning("%s %s: unsupported label config: %s", request.method, request.path, exc)
         return jsonify(error=f"unsupported label config: {exc}"), 400
 
-    @app.errorhandler(redis.ConnectionError)
-    @app.errorhandler(redis.TimeoutError)
-    def redis_unreachable(exc: redis.RedisError) -> tuple[Response, int]:
-        log.error("%s %s: Redis is unreachable: %s", request.method, request.path, exc)
-        return jsonify(error=f"Redis is unreachable: {exc}"), 503
+    @app.errorhandler(redis.RedisError)
+    def redis_unavailable(exc: redis.RedisError) -> tuple[Response, int]:
+        reason = redis_problem(exc)
+        log.error("%s %s: %s", request.method, request.path, reason)
+        return jsonify(error=reason), 503
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:

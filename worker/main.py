@@ -169,7 +169,7 @@ def serve(worker: RegionWorker, host: ModelHost, settings: Settings, queues: lis
         if serves_model:
             host.load()
         activate(WorkerContext(settings, worker.connection, host if serves_model else None))
-        worker.work(logging_level=settings.log_level)
+        worker.work_until_stopped(settings.log_level)
     except NoModelServed as error:
         print(f"roi-worker: {error}", file=sys.stderr)
         return EXIT_REFUSED
@@ -181,9 +181,7 @@ def serve(worker: RegionWorker, host: ModelHost, settings: Settings, queues: lis
         worker.pulse.stop()
         if schedule is not None:
             schedule.stop()
-    # RQ's loop also ends, after logging why, when Redis stays unreachable or something unexpected happens:
-    # a non-zero exit lets the supervisor restart the worker.
-    return 0 if worker.stop_requested_by_signal else EXIT_FAILED
+    return 0
 
 
 def healthcheck(settings: Settings, name: str | None) -> int:

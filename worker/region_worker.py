@@ -17,6 +17,10 @@ long-lived model server needs on top:
   worker waits for jobs: RQ runs it only between dequeues, so the blocking dequeue is no longer than that.
 * SIGTERM: RQ's warm shutdown (the job in hand finishes, no new one starts); the heartbeat key is removed on
   the way out. A second SIGTERM is a cold shutdown; the job then comes back through its lease.
+* Redis trouble of any kind (refused connections, timeouts, a failover, LOADING after a restart, OOM at
+  maxmemory, READONLY) never ends the worker: RQ's loop gives up on most of them, so `work_until_stopped`
+  waits with backoff until Redis accepts writes again and enters the loop anew. The model stays loaded; a
+  job cut short by the outage comes back through its lease.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
@@ -44,6 +49,10 @@ log = logging.getLogger(__name__)
 # A job's lease lasts this many beats: long enough to ride out a slow beat, short enough that a dead
 # worker's job is picked up again within about a minute.
 LEASE_BEATS = 12
+# Backoff while Redis refuses writes: first wait, doubled up to the cap.
+RECOVERY_FIRST_WAIT_S = 0.5
+RECOVERY_MAX_WAIT_S = 10.0
+RECOVERY_RESET_S = 60.0  # a work loop that ran this long had recovered
 
 
 class RegionWorker(SimpleWorker):
@@ -165,9 +174,51 @@ class RegionWorker(SimpleWorker):
         self.stop_requested_by_signal = True
         super().request_stop(signum, frame)
 
-    def teardown(self) -> None:
-        self.pulse.stop()
-        super().teardown()
+    def work_until_stopped(self, logging_level: str) -> None:
+        """RQ's work loop until a stop signal, entered again whenever Redis trouble ended it."""
+        delay = RECOVERY_FIRST_WAIT_S
+        while True:
+            started = time.monotonic()
+            try:
+                self.work(logging_level=logging_level)
+                problem = "RQ's work loop ended"
+            except StopRequested:
+                return
+            except redis.RedisError as error:  # outside RQ's own loop: its bootstrap or its teardown
+                problem = f"{type(error).__name__}: {error}"
+            if self.stop_requested_by_signal or self._stop_requested:
+                return
+            if time.monotonic() - started > RECOVERY_RESET_S:
+                delay = RECOVERY_FIRST_WAIT_S  # it had recovered: a new outage starts the backoff anew
+            log.warning("worker paused: %s; waiting for Redis to accept writes again", problem)
+            try:
+                self._pause(delay)
+                self._wait_for_writable_redis(delay)
+            except StopRequested:
+                return
+            delay = min(delay * 2, RECOVERY_MAX_WAIT_S)
+            log.warning("worker resumed: Redis accepts writes again")
+
+    def _wait_for_writable_redis(self, delay: float) -> None:
+        """Probe Redis with a write until one succeeds, backing off."""
+        probe = f"roi:probe:{self.name}"
+        while True:
+            try:
+                self.connection.set(probe, "1", ex=10)
+                self.connection.delete(probe)
+                return
+            except redis.RedisError as error:
+                log.info("Redis does not accept writes yet (%s: %s)", type(error).__name__, error)
+            delay = min(delay * 2, RECOVERY_MAX_WAIT_S)
+            self._pause(delay)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but end at once (StopRequested) when a stop signal arrives."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.stop_requested_by_signal or self._stop_requested:
+                raise StopRequested()
+            time.sleep(min(0.2, seconds))
 
 
 class Pulse:
