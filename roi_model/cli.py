@@ -54,6 +54,7 @@ def describe(args: argparse.Namespace) -> int:
                     "boxes": query.boxes,
                     "text": answer.text,
                     "score": round(answer.score, 4),
+                    "truncated": answer.truncated,
                 }
                 for query, answer in zip(queries, answers, strict=True)
             ],

@@ -22,16 +22,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .assembly import build_model, save_pretrained
 from .loading import load_pretrained
 from .modeling import RegionLLMForCausalLM
 from .processing import IGNORE_INDEX, RegionProcessor, load_image
-from .tiny import train_word_tokenizer
+from .word_tokenizer import train_word_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +138,7 @@ def question_rows(record: dict, split: bool) -> list[tuple[list[tuple[str, str]]
 
 
 class RecordImages:
-    """Decoded, resized images held in memory as uint8: a record's image is read from disk once."""
+    """Decoded images held in memory after the processor's 8-bit resize: a record's image is read from disk once."""
 
     def __init__(self, processor: RegionProcessor):
         self.processor = processor
@@ -149,13 +147,8 @@ class RecordImages:
     def pixel_values(self, record: dict) -> torch.Tensor:
         path = str(Path(record["_root"]) / record["image"])
         if path not in self.cache:
-            size = self.processor.config.image_size
-            image = load_image(Path(path)).resize((size, size), Image.Resampling.BICUBIC)
-            self.cache[path] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        pixels = self.cache[path].float() / 255
-        mean = torch.tensor(self.processor.config.image_mean)[:, None, None]
-        std = torch.tensor(self.processor.config.image_std)[:, None, None]
-        return (pixels - mean) / std
+            self.cache[path] = self.processor.resize_image(load_image(Path(path)))
+        return self.processor.normalize_pixels(self.cache[path])
 
 
 class RegionCollator:
