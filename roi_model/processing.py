@@ -177,7 +177,11 @@ def split_at_added_tokens(
     The tokenizer's named special tokens (<s>, </s>, <unk>, the pad token) were AddedTokens that keep the
     whitespace around them. Returns the ids and the character offset where each token starts.
     """
-    named = {str(token) for token in tokenizer.all_special_tokens}
+    named = {
+        str(token)
+        for token in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token)
+        if token is not None
+    }
     added = sorted(
         {token.content for token in tokenizer.added_tokens_decoder.values()} | named, key=len, reverse=True
     )

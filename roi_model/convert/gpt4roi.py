@@ -286,6 +286,12 @@ def _delta_tokenizer(delta_dir: Path, config: RegionLLMConfig) -> PreTrainedToke
         raise CheckpointError(
             f"--delta tokenizer has {len(tokenizer)} tokens for {vocab_size} embedding rows"
         )
+    probe = tokenizer.convert_ids_to_tokens(tokenizer("x", add_special_tokens=False)["input_ids"])
+    if not probe or not probe[0].startswith("▁"):
+        # the processor encodes the text between added tokens piece by piece, each with SentencePiece's prefix
+        raise CheckpointError(
+            f"--delta tokenizer encodes 'x' as {probe}: it does not prefix a piece with '▁' as LLaMA's SentencePiece does"
+        )
     if PAD_TOKEN in added:
         tokenizer.pad_token = PAD_TOKEN
     add_special_tokens(tokenizer, config)  # all present: this records their ids in the config

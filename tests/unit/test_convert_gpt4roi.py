@@ -409,6 +409,12 @@ def break_config(delta, base, clip):
     (delta / "config.json").unlink()
 
 
+def break_tokenizer_prefix(delta, base, clip):
+    tokenizer = json.loads((delta / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    (delta / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
 def break_base_version(delta, base, clip):
     config = json.loads((base / "config.json").read_text())
     config.update(rms_norm_eps=1e-5, max_position_embeddings=4096)  # what LLaMA-2's conversions say
@@ -427,6 +433,7 @@ def break_base_version(delta, base, clip):
         (break_added_token_ids, "added_tokens.json says"),
         (break_clip_resolution, "8x8 patch grid; GPT4RoI needs 16x16"),
         (break_config, "has no config.json"),
+        (break_tokenizer_prefix, "does not prefix a piece with '▁'"),
         (break_base_version, "--base config.json says rms_norm_eps 1e-05, the delta's 1e-06"),
     ],
 )

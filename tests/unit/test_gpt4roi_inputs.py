@@ -95,7 +95,7 @@ def test_an_exif_rotated_jpeg_is_preprocessed_as_displayed(gpt4roi):
     torch.testing.assert_close(ours, official_pixel_values(displayed), atol=1e-5, rtol=0)
 
 
-def test_the_demo_models_stretch_is_unchanged(gpt4roi):
+def test_our_models_keep_one_bicubic_stretch(gpt4roi):
     """Our own models keep the one bicubic stretch they were trained with (config.image_resize)."""
     _, model, processor = gpt4roi
     image = noise_image(300, 120, seed=5)
