@@ -46,7 +46,7 @@ from roi_model.engine import ImageRequest, RegionEngine, RegionQuery
 from roi_model.generation import Answer, GenerationOptions, generate_answer
 from roi_model.modeling import RegionLLMForCausalLM
 from roi_model.processing import RegionProcessor
-from roi_model.tiny import train_word_tokenizer
+from roi_model.word_tokenizer import train_word_tokenizer
 
 logger = logging.getLogger("benchmarks.engine")
 

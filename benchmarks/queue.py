@@ -40,7 +40,8 @@ from backend.queues import INTERACTIVE, connect, enqueue, wait_for_result
 from backend.settings import Settings
 from devstack.redis_server import EmbeddedRedis
 from roi_model.assembly import build_model, save_pretrained
-from roi_model.tiny import tiny_config, train_word_tokenizer
+from roi_model.presets import tiny_config
+from roi_model.word_tokenizer import train_word_tokenizer
 from worker.registry import ModelRegistry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

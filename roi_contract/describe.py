@@ -24,7 +24,8 @@ from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from roi_contract.validation import ContractModel
 
-REGION_REFERENCE = re.compile(r"<region(\d+)>")
+# `<regionK>`, or GPT4RoI's shorthand `<K>`: the K-th region of the question.
+REGION_REFERENCE = re.compile(r"<(?:region)?(\d+)>")
 # Label Studio's percentages may overshoot an edge by a rounding error: boxes within this are clipped.
 BOX_TOLERANCE = 1e-3
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -37,7 +38,10 @@ MAX_REGIONS = 200
 MAX_QUESTIONS = 200
 
 
-def _checked_box(box: list[float]) -> list[float]:
+def checked_box(box: list[float]) -> list[float]:
+    """A normalized box clipped to the image; ValueError when it lies outside or has no area."""
+    if len(box) != 4:
+        raise ValueError(f"a box has four numbers x1, y1, x2, y2, got {len(box)}")
     if min(box) < -BOX_TOLERANCE or max(box) > 1 + BOX_TOLERANCE:
         raise ValueError("the box lies outside the image (coordinates are fractions in 0..1)")
     x1, y1, x2, y2 = (min(max(value, 0.0), 1.0) for value in box)
@@ -52,7 +56,7 @@ def _not_blank(text: str) -> str:
     return text
 
 
-Box = Annotated[list[float], Field(min_length=4, max_length=4), AfterValidator(_checked_box)]
+Box = Annotated[list[float], Field(min_length=4, max_length=4), AfterValidator(checked_box)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
 

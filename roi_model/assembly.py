@@ -10,6 +10,8 @@ from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from roi_contract.describe import DEFAULT_MAX_NEW_TOKENS
+
 from .configuration import SPECIAL_TOKENS, RegionLLMConfig
 from .modeling import RegionLLMForCausalLM
 from .processing import RegionProcessor
@@ -50,20 +52,19 @@ def build_model(
 
 
 def default_generation_config(
-    config: RegionLLMConfig, tokenizer: PreTrainedTokenizerBase
+    config: RegionLLMConfig, tokenizer: PreTrainedTokenizerBase, **overrides
 ) -> GenerationConfig:
+    """Greedy, 48 new tokens. The stop strings stay in config.stop_strings, which our generation paths apply
+    with any tokenizer; `model.generate` callers pass them (stop_strings=..., tokenizer=...)."""
+    settings = dict(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, do_sample=False) | overrides
     return GenerationConfig(
-        max_new_tokens=48,
-        do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        stop_strings=list(config.stop_strings) or None,
+        **settings,
     )
 
 
 def save_pretrained(model: RegionLLMForCausalLM, processor: RegionProcessor, directory: str | Path) -> None:
-    model.save_pretrained(directory)
-    # not a GenerationMixin (generation goes through the language model), so save it ourselves
-    model.generation_config.save_pretrained(directory)
+    model.save_pretrained(directory)  # with its generation_config.json
     processor.save_pretrained(directory)

@@ -13,7 +13,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-DEFAULT_CAPTION_QUESTION = "Describe <region1> briefly."
+from roi_contract.describe import DEFAULT_MAX_NEW_TOKENS
+from roi_contract.project import DEFAULT_CAPTION_PROMPT
 
 
 def parse_box(text: str) -> list[float]:
@@ -41,7 +42,7 @@ def describe(args: argparse.Namespace) -> int:
     if args.question:
         queries = [RegionQuery(question, args.box) for question in args.question]
     else:  # a caption for each box
-        queries = [RegionQuery(DEFAULT_CAPTION_QUESTION, [box]) for box in args.box]
+        queries = [RegionQuery(DEFAULT_CAPTION_PROMPT, [box]) for box in args.box]
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
     (answers,) = engine.answer([ImageRequest(image, queries, options)])
     print_json(
@@ -54,6 +55,7 @@ def describe(args: argparse.Namespace) -> int:
                     "boxes": query.boxes,
                     "text": answer.text,
                     "score": round(answer.score, 4),
+                    "truncated": answer.truncated,
                 }
                 for query, answer in zip(queries, answers, strict=True)
             ],
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a question over all boxes, e.g. 'Is <region1> left of <region2>?' (default: a caption per box)",
     )
-    command.add_argument("--max-new-tokens", type=int, default=48)
+    command.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     command.set_defaults(func=describe)
 

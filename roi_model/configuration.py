@@ -27,6 +27,11 @@ IMAGE_START_TOKEN = "<im_start>"
 IMAGE_END_TOKEN = "<im_end>"
 BBOX_TOKEN = "<bbox>"
 SPECIAL_TOKENS = (IMAGE_PATCH_TOKEN, BBOX_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN)
+CHOICES = {
+    "tokenization": ("whole_text", "split_at_added_tokens"),
+    "image_resize": ("stretch", "shortest_edge_then_stretch"),
+    "region_binding": ("by_number", "by_position"),
+}
 
 
 class RegionLLMConfig(PreTrainedConfig):
@@ -47,6 +52,17 @@ class RegionLLMConfig(PreTrainedConfig):
     Prompting:
         template: "gpt4roi_v0" (the "###" conversation of the released checkpoints) or "chat"
         (the tokenizer's own chat template).
+    How a model was trained to see its inputs (converted GPT4RoI checkpoints set GPT4RoI's; models made
+    here keep the defaults they were trained with):
+        tokenization: "whole_text" (one tokenizer call on the rendered conversation) or
+            "split_at_added_tokens" (GPT4RoI's training tokenizer, transformers 4.29's slow LLaMA
+            tokenizer: the text is cut at every added token, the whitespace around the image and box
+            tokens is dropped, and each piece is encoded on its own).
+        image_resize: "stretch" (one bicubic resize to image_size x image_size) or
+            "shortest_edge_then_stretch" (GPT4RoI's demo: CLIPImageProcessor's bicubic resize of the
+            shortest edge to image_size, no crop, then a bilinear resize to image_size x image_size).
+        region_binding: "by_number" (`<regionK>` reads box K wherever it is mentioned) or "by_position"
+            (GPT4RoI: the k-th `<bbox>` of the prompt reads the k-th box, whatever its number).
     """
 
     model_type: ClassVar[str] = "region_llm"
@@ -80,6 +96,9 @@ class RegionLLMConfig(PreTrainedConfig):
     system_prompt: str = GPT4ROI_SYSTEM_PROMPT
     image_prompt: str = IMAGE_PROMPT
     stop_strings: list[str] = field(default_factory=lambda: ["###"])
+    tokenization: str = "whole_text"
+    image_resize: str = "stretch"
+    region_binding: str = "by_number"
 
     image_patch_token_id: int | None = None
     image_start_token_id: int | None = None
@@ -102,6 +121,11 @@ class RegionLLMConfig(PreTrainedConfig):
             raise ValueError(f"unknown template {self.template!r}: use 'gpt4roi_v0' or 'chat'")
         if self.projector_type not in ("linear", "mlp2x_gelu"):
             raise ValueError(f"unknown projector_type {self.projector_type!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}: use {' or '.join(map(repr, allowed))}"
+                )
 
 
 # Known to AutoConfig, so that tools reading config.json (AutoTokenizer among them) recognise a model directory.

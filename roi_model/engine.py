@@ -35,8 +35,8 @@ from .generation import (
     Answer,
     GenerationOptions,
     StopOnText,
+    build_answer,
     eos_token_ids,
-    finished_length,
     stop_strings_for,
 )
 from .loading import load_pretrained
@@ -359,12 +359,7 @@ class RegionEngine:
         )
 
     def _to_answer(self, row: _Row, token_ids: list[int], log_probs: torch.Tensor) -> Answer:
-        length = finished_length(token_ids, self.eos_ids)
-        return Answer(
-            text=self.processor.clean_answer(token_ids[:length], row.stop_strings),
-            score=float(log_probs[:length].mean()),
-            token_ids=token_ids[:length],
-        )
+        return build_answer(self.processor, token_ids, log_probs, self.eos_ids, row.stop_strings)
 
 
 class _ReservedLayer(DynamicLayer):

@@ -1,8 +1,13 @@
 """Answering one question about some boxes: the plain path.
 
-Vision tower, full prefill and Hugging Face `generate`, for one question on its own — what
+Vision tower, full prefill and the model's own `generate`, for one question on its own — what
 GPT4RoI's demo does for every question. It is the reference the fast engine must reproduce
 token for token, and the simplest way to use a model from Python.
+
+Our default is greedy decoding of up to 48 new tokens (pre-labels should not change from one run to
+the next); GPT4RoI's demo samples at temperature 0.2 with up to 1024 (its model card in a converted
+directory says so). An answer that max_new_tokens cut off before the model stopped says so
+(`Answer.truncated`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from roi_contract.describe import DEFAULT_MAX_NEW_TOKENS
 
 from .modeling import RegionLLMForCausalLM
 from .processing import Box, RegionProcessor, check_boxes
@@ -20,7 +27,7 @@ from .processing import Box, RegionProcessor, check_boxes
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    max_new_tokens: int = 48
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -40,6 +47,7 @@ class Answer:
     text: str
     score: float  # mean log-probability of the generated tokens (stop marker included)
     token_ids: list[int] = field(default_factory=list)
+    truncated: bool = False  # max_new_tokens ended it before an end-of-sequence token or a stop string
 
 
 def eos_token_ids(model: RegionLLMForCausalLM) -> list[int]:
@@ -93,6 +101,26 @@ def finished_length(token_ids: Sequence[int], eos_ids: Sequence[int]) -> int:
     return len(token_ids)
 
 
+def build_answer(
+    processor: RegionProcessor,
+    token_ids: Sequence[int],
+    log_probs: torch.Tensor,
+    eos_ids: Sequence[int],
+    stop_strings: Sequence[str],
+) -> Answer:
+    """The answer of one generated sequence: cut at its end-of-sequence token, scored, and marked
+    truncated when neither that token nor a stop string ended it."""
+    length = finished_length(token_ids, eos_ids)
+    text = processor.tokenizer.decode(token_ids[:length])  # as StopOnText reads it
+    finished = any(token in eos_ids for token in token_ids) or any(stop in text for stop in stop_strings)
+    return Answer(
+        text=processor.clean_answer(token_ids[:length], stop_strings),
+        score=float(log_probs[:length].float().mean()),
+        token_ids=list(token_ids[:length]),
+        truncated=not finished,
+    )
+
+
 @torch.inference_mode()
 def generate_answer(
     model: RegionLLMForCausalLM,
@@ -106,35 +134,29 @@ def generate_answer(
     encoded = processor.encode([("user", question)], len(boxes_tensor), generation=True)
     device = model.device
     input_ids = torch.tensor([encoded.input_ids], device=device)
-    features = model.get_image_features(processor.pixel_values(image)[None].to(device))
-    region_tokens = None
-    if encoded.box_order:
-        region_tokens = model.get_region_features(features.pyramid, [boxes_tensor[encoded.box_order]])
-    inputs_embeds = model.embed_inputs(input_ids, features.tokens, region_tokens)
-
     stop_strings = stop_strings_for(model, options)
-    sampling = dict(temperature=options.temperature, top_p=options.top_p) if options.do_sample else {}
-    output = model.language_model.generate(
-        inputs_embeds=inputs_embeds,
-        attention_mask=torch.ones_like(input_ids),
+    eos_ids = eos_token_ids(model)
+    settings = GenerationConfig(  # every field the model's own generation config might set otherwise
         max_new_tokens=options.max_new_tokens,
         do_sample=options.do_sample,
-        stopping_criteria=StoppingCriteriaList(
-            [StopOnText(processor.tokenizer, [stop_strings])] if stop_strings else []
-        ),
-        eos_token_id=eos_token_ids(model) or None,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=0,
+        eos_token_id=eos_ids or None,
         pad_token_id=processor.tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_logits=True,
-        **sampling,
     )
-    log_probs = model.language_model.compute_transition_scores(
-        output.sequences, output.logits, normalize_logits=True
-    )[0]
-    token_ids = output.sequences[0, -log_probs.shape[0] :].tolist()
-    length = finished_length(token_ids, eos_token_ids(model))
-    return Answer(
-        text=processor.clean_answer(token_ids[:length], stop_strings),
-        score=float(log_probs[:length].float().mean()),
-        token_ids=token_ids[:length],
+    output = model.generate(
+        input_ids=input_ids,
+        pixel_values=processor.pixel_values(image)[None].to(device),
+        boxes=[boxes_tensor[encoded.box_order]],
+        attention_mask=torch.ones_like(input_ids),
+        generation_config=settings,
+        stopping_criteria=StoppingCriteriaList(
+            [StopOnText(processor.tokenizer, [stop_strings])] if stop_strings else []
+        ),
     )
+    log_probs = model.compute_transition_scores(output.sequences, output.logits, normalize_logits=True)[0]
+    token_ids = output.sequences[0, input_ids.shape[1] :].tolist()
+    return build_answer(processor, token_ids, log_probs, eos_ids, stop_strings)

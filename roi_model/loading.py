@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BitsAndBytesConfig, GenerationConfig
+from transformers import AutoTokenizer, BitsAndBytesConfig
 
 from .modeling import RegionLLMForCausalLM
 from .processing import RegionProcessor
@@ -107,8 +107,6 @@ def load_pretrained(
     )
     if device.type == "cpu":
         _own_memory(model)
-    if (Path(directory) / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
     model.eval()
     logger.info(
         "loaded %s on %s as %s (%s attention, quantization %s)",

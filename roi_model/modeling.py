@@ -1,7 +1,8 @@
 """The region-level LLM: vision tower, image projector, region encoder and a causal LM.
 
 The image placeholder tokens (`<im_patch>`) are replaced by the projected image tokens and each
-`<bbox>` by its region token, in order; the language model then runs on the embeddings.
+`<bbox>` by its region token, in order; the language model then runs on the embeddings. As in
+transformers' llava, `generate` takes the pixel values and boxes and uses them at the prefill only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import RegionLLMConfig
@@ -60,7 +61,7 @@ class RegionLLMPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class RegionLLMForCausalLM(RegionLLMPreTrainedModel):
+class RegionLLMForCausalLM(RegionLLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: RegionLLMConfig):
         super().__init__(config)
         self.vision_tower = VisionTower(
@@ -155,8 +156,13 @@ class RegionLLMForCausalLM(RegionLLMPreTrainedModel):
         region_tokens = None
         if boxes is not None and any(len(row_boxes) for row_boxes in boxes):
             region_tokens = self.get_region_features(image_features.pyramid, boxes, rows_image)
-        image_tokens = image_features.tokens[rows_image] if image_features is not None else None
-        inputs_embeds = self.embed_inputs(input_ids, image_tokens, region_tokens)
+        if image_features is None and region_tokens is None:
+            # a decoding step: generated tokens are embedded as they are, placeholders too (GPT4RoI fills
+            # them at the prefill only)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        else:
+            image_tokens = image_features.tokens[rows_image] if image_features is not None else None
+            inputs_embeds = self.embed_inputs(input_ids, image_tokens, region_tokens)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -167,3 +173,10 @@ class RegionLLMForCausalLM(RegionLLMPreTrainedModel):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """The boxes go with the pixel values: into the prefill, not into the decoding steps after it."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if inputs.get("pixel_values") is None:
+            inputs.pop("boxes", None)
+        return inputs

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from roi_contract.describe import REGION_REFERENCE
+
 from .configuration import BBOX_TOKEN, IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN
 
-REGION_REFERENCE = re.compile(r"<region(\d+)>")
+# `<regionK>`, or GPT4RoI's shorthand `<K>`: both name box K
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -21,30 +23,35 @@ class Segment:
     target: bool
 
 
-def expand_region_references(texts: list[str], num_boxes: int) -> tuple[list[str], list[int]]:
-    """GPT4RoI's rewrite: `<regionK>` becomes "regionK <bbox>" at its first mention and "regionK" later.
+def expand_region_references(
+    texts: list[str], num_boxes: int, binding: str = "by_number"
+) -> tuple[list[str], list[int]]:
+    """GPT4RoI's rewrite: `<regionK>` (or `<K>`) becomes "regionK <bbox>" at its first mention and "regionK"
+    later, as GPT4RoI's demo writes a name from an earlier round.
 
-    Returns the rewritten texts and, for each `<bbox>` in order of appearance, the index of its box.
+    Returns the rewritten texts and, for each `<bbox>` in order of appearance, the index of its box:
+    box K-1 for the first mention of K ("by_number"), or box k-1 for the k-th `<bbox>` ("by_position",
+    GPT4RoI's rule: `Is <region2> left of <region1>?` gives the first drawn box to region2's `<bbox>`).
     Every box must be referenced and every reference must name a box.
     """
-    order: list[int] = []
+    mentioned: list[int] = []
 
     def rewrite(match: re.Match) -> str:
         number = int(match.group(1))
         if not 1 <= number <= num_boxes:
             given = f"only {num_boxes} box{'es' if num_boxes != 1 else ''} given"
             raise ValueError(f"<region{number}> refers to box {number}, but {given}")
-        if number - 1 in order:
+        if number - 1 in mentioned:
             return f"region{number}"
-        order.append(number - 1)
+        mentioned.append(number - 1)
         return f"region{number} {BBOX_TOKEN}"
 
     rewritten = [REGION_REFERENCE.sub(rewrite, text) for text in texts]
-    unreferenced = sorted(set(range(num_boxes)) - set(order))
+    unreferenced = sorted(set(range(num_boxes)) - set(mentioned))
     if unreferenced:
         box = unreferenced[0] + 1
         raise ValueError(f"box {box} is never referenced: mention it as <region{box}>")
-    return rewritten, order
+    return rewritten, (mentioned if binding == "by_number" else list(range(num_boxes)))
 
 
 def image_token_text(num_tokens: int) -> str:

@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from roi_contract.describe import REGION_REFERENCE
 from roi_contract.records import TrainingRecord
 from roi_contract.validation import parse
 
@@ -34,12 +33,11 @@ from .assembly import build_model, save_pretrained
 from .loading import load_pretrained
 from .modeling import RegionLLMForCausalLM
 from .processing import IGNORE_INDEX, RegionProcessor, load_image
-from .tiny import train_word_tokenizer
+from .word_tokenizer import train_word_tokenizer
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("region", "projector", "lora", "full", "scratch")
-REGION_TAG = re.compile(r"<region(\d+)>")
 REGION_NAME = re.compile(r"\bregion(\d+)\b")
 
 
@@ -126,14 +124,14 @@ def question_rows(record: dict, split: bool) -> list[tuple[list[tuple[str, str]]
         return [(turns, list(range(len(record["regions"]))), None)]
     rows = []
     for question, answer, kind in pairs:
-        mentioned = list(dict.fromkeys(int(number) for number in REGION_TAG.findall(question)))
+        mentioned = list(dict.fromkeys(int(number) for number in REGION_REFERENCE.findall(question)))
         local = {number: position + 1 for position, number in enumerate(mentioned)}
 
         def renumber(pattern: re.Pattern, text: str, template: str, mapping=local) -> str:
             return pattern.sub(lambda m: template.format(mapping.get(int(m.group(1)), int(m.group(1)))), text)
 
         turns = [
-            ("user", renumber(REGION_TAG, question, "<region{}>")),
+            ("user", renumber(REGION_REFERENCE, question, "<region{}>")),
             ("assistant", renumber(REGION_NAME, answer, "region{}")),
         ]
         rows.append((turns, [number - 1 for number in mentioned], kind))
@@ -141,7 +139,7 @@ def question_rows(record: dict, split: bool) -> list[tuple[list[tuple[str, str]]
 
 
 class RecordImages:
-    """Decoded, resized images held in memory as uint8: a record's image is read from disk once."""
+    """Decoded images held in memory after the processor's 8-bit resize: a record's image is read from disk once."""
 
     def __init__(self, processor: RegionProcessor):
         self.processor = processor
@@ -150,13 +148,8 @@ class RecordImages:
     def pixel_values(self, record: dict) -> torch.Tensor:
         path = str(Path(record["_root"]) / record["image"])
         if path not in self.cache:
-            size = self.processor.config.image_size
-            image = load_image(Path(path)).resize((size, size), Image.Resampling.BICUBIC)
-            self.cache[path] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        pixels = self.cache[path].float() / 255
-        mean = torch.tensor(self.processor.config.image_mean)[:, None, None]
-        std = torch.tensor(self.processor.config.image_std)[:, None, None]
-        return (pixels - mean) / std
+            self.cache[path] = self.processor.resize_image(load_image(Path(path)))
+        return self.processor.normalize_pixels(self.cache[path])
 
 
 class RegionCollator:
@@ -211,7 +204,7 @@ class RecordDataset(torch.utils.data.Dataset):
 def record_texts(records: Iterable[dict]) -> Iterable[str]:
     for record in records:
         for turn in record["conversations"]:
-            yield REGION_TAG.sub(" ", turn["value"])
+            yield REGION_REFERENCE.sub(" ", turn["value"])
 
 
 def prepare_model(options: TrainOptions, records: list[dict]) -> tuple[RegionLLMForCausalLM, RegionProcessor]:

@@ -76,7 +76,7 @@ def describe_result(request: DescribeRequest, answers: list, version: str) -> De
     return DescribeResult(
         model_version=version,
         answers=[
-            Answer(id=question.id, text=answer.text, score=answer.score)
+            Answer(id=question.id, text=answer.text, score=answer.score, truncated=answer.truncated)
             for question, answer in zip(request.questions, answers, strict=True)
         ],
     )

@@ -6,8 +6,8 @@
 Both stream tensor by tensor and refuse, naming the tensor, anything that does not fit the model.
 """
 
-from .base import init_from_base
 from .checkpoint_files import CheckpointError
 from .gpt4roi import convert_gpt4roi
+from .init_from_base import init_from_base
 
 __all__ = ["CheckpointError", "convert_gpt4roi", "init_from_base"]

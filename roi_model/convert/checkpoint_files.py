@@ -84,11 +84,14 @@ class CheckpointReader:
             return tuple(self._open_safetensors(path).get_slice(name).get_shape())
         return tuple(self._pickled_tensor(path, name).shape)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor as stored, or cast to `dtype`."""
         path = self._path(name)
         if path.suffix == ".safetensors":
-            return self._open_safetensors(path).get_tensor(name)
-        return self._pickled_tensor(path, name)
+            tensor = self._open_safetensors(path).get_tensor(name)
+        else:
+            tensor = self._pickled_tensor(path, name)
+        return tensor if dtype is None else tensor.to(dtype)
 
     def _pickled_tensor(self, path: Path, name: str) -> torch.Tensor:
         try:

@@ -9,6 +9,10 @@ The release (`shilongz/GPT4RoI-7B-delta-V0`) is a delta over LLaMA-1 7B in the L
 - `rotary_emb.inv_freq` buffers are not weights (RoPE is rebuilt from the config) and are dropped.
 - The CLIP ViT-L/14 tower is not in the checkpoint; it comes from its own directory.
 
+The model directory sees its inputs as GPT4RoI did (config: tokenization, image_resize,
+region_binding), its generation_config.json holds the official demo's sampling settings, and its
+card.json records them with what was verified of the LLaMA base (llama_base.py).
+
 Conversion goes tensor by tensor (add the base, rename, cast, write), so a 7B model converts in
 the memory of one output shard. Every delta tensor must map to a tensor of our model and every
 tensor of our model must have a source; otherwise the conversion stops and says which.
@@ -29,6 +33,7 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 from ..assembly import add_special_tokens, default_generation_config
 from ..configuration import SPECIAL_TOKENS, RegionLLMConfig
 from .checkpoint_files import CheckpointError, CheckpointReader, PlannedTensor
+from .llama_base import check_base
 from .model_directory import DEFAULT_MAX_SHARD_BYTES, parameter_counts, write_model_directory
 from .vision_source import VisionSource
 
@@ -89,6 +94,14 @@ OPTIONAL_LLAMA_FIELDS = (
     "eos_token_id",
 )
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# GPT4RoI's demo (gpt4roi/app.py): sampling at temperature 0.2, up to 1024 new tokens, stopping at "###".
+OFFICIAL_GENERATION = {"do_sample": True, "temperature": 0.2, "max_new_tokens": 1024}
+# How GPT4RoI saw its inputs (RegionLLMConfig documents each).
+GPT4ROI_INPUTS = {
+    "tokenization": "split_at_added_tokens",
+    "image_resize": "shortest_edge_then_stretch",
+    "region_binding": "by_position",
+}
 
 
 def our_name(delta_name: str) -> str | None:
@@ -125,13 +138,15 @@ def convert_gpt4roi(
 
     tensors, dropped = _delta_tensors(delta_reader, base_reader, dtype)
     tensors += vision.planned_tensors(dtype)
+    base_check = check_base(base_reader, llava_config)
     written = write_model_directory(
         out,
         config=config,
         tokenizer=tokenizer,
-        generation_config=default_generation_config(config, tokenizer),
+        generation_config=default_generation_config(config, tokenizer, **OFFICIAL_GENERATION),
         tensors=tensors,
         max_shard_bytes=max_shard_bytes,
+        card=_card(base_check),
     )
     return {
         "out": str(out),
@@ -142,6 +157,26 @@ def convert_gpt4roi(
         "files": written.files,
         "bytes": written.total_bytes,
         "peak_buffered_bytes": written.peak_buffered_bytes,
+        "base_check": base_check,
+    }
+
+
+def _card(base_check: dict) -> dict:
+    """What the registry keeps about this model (card.json): where it comes from and how it was meant to run."""
+    return {
+        "source": {
+            "delta": "shilongz/GPT4RoI-7B-delta-V0",
+            "base": "LLaMA-1 7B",
+            "vision": "openai/clip-vit-large-patch14",
+        },
+        "licence": "non-commercial research only (GPT4RoI: CC BY-NC 4.0; a derivative of LLaMA-1)",
+        "official_generation": {**OFFICIAL_GENERATION, "stop_strings": ["###"]},
+        "served_generation": (
+            "greedy, max_new_tokens from the request (48 by default); an answer the limit cut off is marked "
+            "truncated. generation_config.json holds the official settings, for model.generate"
+        ),
+        "inputs": GPT4ROI_INPUTS,
+        "base_check": base_check,
     }
 
 
@@ -193,6 +228,7 @@ def _region_config(llava: dict, delta: CheckpointReader, vision: VisionSource) -
         projector_type="linear",
         template="gpt4roi_v0",
         stop_strings=["###"],
+        **GPT4ROI_INPUTS,
         **_region_widths(delta),
     )
 
@@ -250,6 +286,12 @@ def _delta_tokenizer(delta_dir: Path, config: RegionLLMConfig) -> PreTrainedToke
         raise CheckpointError(
             f"--delta tokenizer has {len(tokenizer)} tokens for {vocab_size} embedding rows"
         )
+    probe = tokenizer.convert_ids_to_tokens(tokenizer("x", add_special_tokens=False)["input_ids"])
+    if not probe or not probe[0].startswith("▁"):
+        # the processor encodes the text between added tokens piece by piece, each with SentencePiece's prefix
+        raise CheckpointError(
+            f"--delta tokenizer encodes 'x' as {probe}: it does not prefix a piece with '▁' as LLaMA's SentencePiece does"
+        )
     if PAD_TOKEN in added:
         tokenizer.pad_token = PAD_TOKEN
     add_special_tokens(tokenizer, config)  # all present: this records their ids in the config
@@ -278,15 +320,15 @@ def _delta_tensors(
         shape = delta.shape(name)
         origin = f"--delta {name}"
         if name.startswith(ABSOLUTE_PREFIXES):
-            load = partial(_absolute, delta, name, dtype)
+            load = partial(delta.tensor, name, dtype)
         else:
-            _check_base(name, shape, base)
+            _check_base_shape(name, shape, base)
             load = partial(_merged, delta, base, name, dtype)
         planned.append(PlannedTensor(name=target, shape=shape, dtype=dtype, load=load, origin=origin))
     return planned, dropped
 
 
-def _check_base(name: str, shape: tuple[int, ...], base: CheckpointReader) -> None:
+def _check_base_shape(name: str, shape: tuple[int, ...], base: CheckpointReader) -> None:
     if name not in base:
         raise CheckpointError(
             f"--base has no {name!r}, which the delta is relative to; --base must be LLaMA-1 7B in Hugging Face format"
@@ -303,10 +345,6 @@ def _check_base(name: str, shape: tuple[int, ...], base: CheckpointReader) -> No
         raise CheckpointError(
             f"shape mismatch for {name}: --delta has {list(shape)}, --base has {list(base_shape)}"
         )
-
-
-def _absolute(delta: CheckpointReader, name: str, dtype: torch.dtype) -> torch.Tensor:
-    return delta.tensor(name).to(dtype)
 
 
 def _merged(delta: CheckpointReader, base: CheckpointReader, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -8,6 +8,7 @@ renamed into place, so a failed conversion leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -89,8 +90,10 @@ def write_model_directory(
     generation_config: GenerationConfig,
     tensors: Sequence[PlannedTensor],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    card: dict | None = None,
 ) -> WrittenWeights:
-    """Check the plan, then write weights, config, generation config and tokenizer to `out` (new or empty)."""
+    """Check the plan, then write weights, config, generation config, tokenizer and `card` (card.json, which
+    the registry keeps on import) to `out` (new or empty)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(
@@ -105,6 +108,8 @@ def write_model_directory(
         config.save_pretrained(staging)
         generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if card is not None:
+            (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         if out.exists():
             out.rmdir()
         staging.rename(out)

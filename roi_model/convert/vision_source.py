@@ -77,15 +77,11 @@ class VisionSource:
                     name=TOWER_PREFIX + short,
                     shape=self.reader.shape(name),
                     dtype=dtype,
-                    load=partial(_cast, self.reader, name, dtype),
+                    load=partial(self.reader.tensor, name, dtype),
                     origin=f"{self.reader.role} {name}",
                 )
             )
         return planned
-
-
-def _cast(reader: CheckpointReader, name: str, dtype: torch.dtype) -> torch.Tensor:
-    return reader.tensor(name).to(dtype)
 
 
 def _normalization(directory: Path, model_type: str) -> tuple[list[float], list[float]]:

@@ -4,20 +4,27 @@
 - a LLaMA-style byte-fallback tokenizer;
 - GPT4RoI-7B-delta-V0's layout: a LLaVA config.json, two pickled shards with an index, LLaMA
   tensors stored as target - base (absolute rows for the six added tokens), mm_projector and
-  spi_module absolute, rotary inv_freq buffers, added_tokens.json; and the LLaMA-1 base it is a
-  delta over, as a Hugging Face directory (pickled or safetensors shards).
+  spi_module absolute, rotary inv_freq buffers; its tokenizer as transformers 4.29 saved it
+  (a SentencePiece tokenizer.model trained here like LLaMA's, the tokenizer.json the 4.29 fast
+  converter makes of it, added_tokens.json); and the LLaMA-1 base it is a delta over, as a Hugging
+  Face directory (pickled or safetensors shards).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaTokenizer
+from transformers.tokenization_utils_base import generate_merges
 
 from roi_model.configuration import CLIP_MEAN, CLIP_STD
 
@@ -78,6 +85,89 @@ def llama_tokenizer() -> LlamaTokenizer:
     for character in "▁" + string.ascii_letters + string.digits + ".,:?#'<>":
         vocab.setdefault(character, len(vocab))
     return LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+
+
+# What the SentencePiece model learns from: GPT4RoI's system prompt, templates and answers.
+SENTENCEPIECE_TEXTS = [
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions.",
+    "### Human: The image provides an overview of the picture.",
+    "Can you give a description of the region mentioned by region1? What is region2 doing?",
+    "### Assistant: A man in a red shirt is riding a bicycle down the street, next to region3.",
+    "Is the woman left of the dog? Which is larger, region1 or region2? Describe it briefly.",
+    "There are 12 people; 3.5 metres away, a child holds an umbrella!",
+]
+
+
+def sentencepiece_model(vocab_size: int = 320) -> bytes:
+    """A SentencePiece model trained as LLaMA's was (BPE, byte fallback, a dummy prefix, whitespace kept,
+    digits split, <unk> <s> </s> as ids 0 1 2)."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCEPIECE_TEXTS * 8),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def write_gpt4roi_tokenizer(directory: Path, model: bytes) -> dict[str, int]:
+    """The tokenizer files of GPT4RoI's release, as transformers 4.29 wrote them; returns the added tokens' ids.
+
+    tokenizer.json is what 4.29's LlamaConverter makes of the SentencePiece model: BPE over its pieces
+    with byte fallback, a "▁"-prepending normalizer, a BOS-adding post-processor.
+    """
+    (directory / "tokenizer.model").write_bytes(model)
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    vocab = {processor.id_to_piece(index): index for index in range(processor.get_piece_size())}
+    fast = Tokenizer(BPE(vocab, generate_merges(vocab), unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    fast.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    fast.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast.add_special_tokens([AddedToken(token, normalized=True) for token in ("<unk>", "<s>", "</s>")])
+    fast.add_special_tokens(ADDED_TOKENS)
+    fast.save(str(directory / "tokenizer.json"))
+    token_ids = {token: len(vocab) + index for index, token in enumerate(ADDED_TOKENS)}
+    (directory / "added_tokens.json").write_text(json.dumps(token_ids, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "rstrip": False},
+                "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "rstrip": False},
+                "unk_token": {"__type": "AddedToken", "content": "<unk>", "lstrip": False, "rstrip": False},
+                "pad_token": None,
+                "model_max_length": 2048,
+                "padding_side": "right",
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"})
+    )
+    return token_ids
 
 
 def llama_config(vocab_size: int) -> LlamaConfig:
@@ -163,6 +253,7 @@ class Gpt4RoIRelease:
     merged: dict[str, torch.Tensor]  # what apply_delta.py would produce, in float32, by GPT4RoI's names
     token_ids: dict[str, int]
     base_vocab: int
+    sentencepiece: bytes  # the release's tokenizer.model
 
 
 def _save_shards(directory: Path, shards: list[dict[str, torch.Tensor]], fmt: str) -> None:
@@ -190,8 +281,8 @@ def _rotary_buffers() -> dict[str, torch.Tensor]:
 def write_gpt4roi_release(root: Path, *, base_format: str = "bin", seed: int = 0) -> Gpt4RoIRelease:
     """Delta, LLaMA base and CLIP directories under `root`, and the merged weights they stand for."""
     generator = torch.Generator().manual_seed(seed)
-    tokenizer = llama_tokenizer()
-    base_vocab = len(tokenizer)
+    spm_model = sentencepiece_model()
+    base_vocab = sentencepiece.SentencePieceProcessor(model_proto=spm_model).get_piece_size()
     vocab = base_vocab + len(ADDED_TOKENS)
 
     base = {
@@ -278,33 +369,7 @@ def write_gpt4roi_release(root: Path, *, base_format: str = "bin", seed: int = 0
         )
     )
 
-    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    tokenizer.add_tokens(["<im_patch>"], special_tokens=True)
-    tokenizer.add_tokens(["<bbox>", "<point>"], special_tokens=True)
-    tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
-    token_ids = {token: base_vocab + index for index, token in enumerate(ADDED_TOKENS)}
-    assert tokenizer.convert_tokens_to_ids(ADDED_TOKENS) == list(token_ids.values())
-    tokenizer.save_pretrained(delta_dir)
-    (delta_dir / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "add_bos_token": True,
-                "add_eos_token": False,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "model_max_length": 2048,
-                "padding_side": "right",
-                "use_fast": False,
-            },
-            indent=2,
-        )
-    )
-    (delta_dir / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "<unk>"})
-    )
-    (delta_dir / "added_tokens.json").write_text(json.dumps(token_ids, indent=2) + "\n")
+    token_ids = write_gpt4roi_tokenizer(delta_dir, spm_model)
 
     base_names = list(base)
     half = len(base_names) // 2
@@ -319,4 +384,4 @@ def write_gpt4roi_release(root: Path, *, base_format: str = "bin", seed: int = 0
     llama_config(base_vocab).save_pretrained(base_dir)
 
     clip_model = write_clip(clip_dir, seed=seed)
-    return Gpt4RoIRelease(delta_dir, base_dir, clip_dir, clip_model, merged, token_ids, base_vocab)
+    return Gpt4RoIRelease(delta_dir, base_dir, clip_dir, clip_model, merged, token_ids, base_vocab, spm_model)

@@ -7,6 +7,7 @@ code with roi_model, so a wrong key mapping, a transposed level order or a misse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -22,16 +23,19 @@ from fake_checkpoints import (
     write_clip,
     write_gpt4roi_release,
 )
+from gpt4roi_reference import official_pixel_values, official_prompt, slow_tokenize
 from PIL import Image
 from safetensors import safe_open
+from tiny_models import noise_image
 from torchvision.ops import roi_align
 from transformers import LlamaForCausalLM
 
 from roi_model.cli import main as cli_main
-from roi_model.convert import CheckpointError, convert_gpt4roi
+from roi_model.convert import CheckpointError, convert_gpt4roi, llama_base
 from roi_model.convert.gpt4roi import our_name
 from roi_model.generation import GenerationOptions, generate_answer
 from roi_model.loading import load_pretrained
+from roi_model.processing import check_boxes
 
 IMAGE = 224
 STRIDES = [14 / 8, 14 / 4, 14 / 2, 14]  # GPT4RoI's featmap_strides
@@ -201,6 +205,29 @@ def test_converted_model_reproduces_gpt4roi_forward_pass(release, converted):
     assert (swapped - regions).abs().max() > 0.1
 
 
+def test_a_question_about_drawn_boxes_reproduces_gpt4roi_end_to_end(release, converted):
+    """Image, drawn boxes and question in, logits out: our processor and model against GPT4RoI's whole path
+    (its prompt, its tokenizer, its demo's preprocessing, its positional boxes, its forward pass)."""
+    out, _ = converted
+    model, processor = load_pretrained(out)
+    image, boxes = noise_image(320, 200, seed=11), BOXES[:2].tolist()
+    turns = [("user", "Is <region2> left of <region1>?")]
+    expected_ids = slow_tokenize(release.sentencepiece, release.token_ids, official_prompt(turns))
+    _, _, expected_logits = reference_forward(
+        release, official_pixel_values(image)[None], torch.tensor([expected_ids]), torch.tensor(boxes)
+    )
+
+    encoded = processor.encode(turns, len(boxes), generation=True)
+    assert encoded.input_ids == expected_ids
+    with torch.no_grad():
+        logits = model(
+            torch.tensor([encoded.input_ids]),
+            pixel_values=processor.pixel_values(image)[None],
+            boxes=[check_boxes(boxes)[encoded.box_order]],
+        ).logits
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_converted_config_tokenizer_and_template(release, converted):
     out, summary = converted
     model, processor = load_pretrained(out)
@@ -216,13 +243,29 @@ def test_converted_config_tokenizer_and_template(release, converted):
         ROUNDS,
         ROI,
     )
-    assert model.generation_config.stop_strings == ["###"]
+    # GPT4RoI's inputs, and its demo's sampling settings for model.generate (our paths decode greedily)
+    assert (config.tokenization, config.image_resize, config.region_binding) == (
+        "split_at_added_tokens",
+        "shortest_edge_then_stretch",
+        "by_position",
+    )
+    generation = model.generation_config
+    assert (generation.do_sample, generation.temperature, generation.max_new_tokens) == (True, 0.2, 1024)
+    card = json.loads((out / "card.json").read_text())
+    assert card["official_generation"] == {
+        "do_sample": True,
+        "temperature": 0.2,
+        "max_new_tokens": 1024,
+        "stop_strings": ["###"],
+    }
+    assert card["base_check"] == summary["base_check"] and card["inputs"]["region_binding"] == "by_position"
 
     encoded = processor.encode([("user", "What is <region1> doing?")], 1, generation=True)
     text = processor.tokenizer.decode(encoded.input_ids)
     assert encoded.input_ids[0] == 1  # LLaMA's BOS
     assert encoded.input_ids.count(ids["<im_patch>"]) == 256 and encoded.input_ids.count(ids["<bbox>"]) == 1
-    assert "\n\n### Human: The <im_start>" in text and text.endswith("What is region1 <bbox> doing?\n### ")
+    # no space is encoded before an added token, as GPT4RoI's tokenizer did (test_gpt4roi_inputs.py: the ids)
+    assert "\n\n### Human: The<im_start>" in text and text.endswith("What is region1<bbox> doing?\n### ")
 
     # every tensor is accounted for: LLaMA + projector + region encoder from the delta, the tower from CLIP
     assert summary["dropped"] == [f"model.layers.{layer}.self_attn.rotary_emb.inv_freq" for layer in range(2)]
@@ -366,6 +409,18 @@ def break_config(delta, base, clip):
     (delta / "config.json").unlink()
 
 
+def break_tokenizer_prefix(delta, base, clip):
+    tokenizer = json.loads((delta / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    (delta / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def break_base_version(delta, base, clip):
+    config = json.loads((base / "config.json").read_text())
+    config.update(rms_norm_eps=1e-5, max_position_embeddings=4096)  # what LLaMA-2's conversions say
+    (base / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -378,6 +433,8 @@ def break_config(delta, base, clip):
         (break_added_token_ids, "added_tokens.json says"),
         (break_clip_resolution, "8x8 patch grid; GPT4RoI needs 16x16"),
         (break_config, "has no config.json"),
+        (break_tokenizer_prefix, "does not prefix a piece with '▁'"),
+        (break_base_version, "--base config.json says rms_norm_eps 1e-05, the delta's 1e-06"),
     ],
 )
 def test_bad_checkpoints_fail_with_a_clear_message(release, tmp_path, damage, message):
@@ -388,6 +445,25 @@ def test_bad_checkpoints_fail_with_a_clear_message(release, tmp_path, damage, me
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out")]
+
+
+def test_the_base_is_verified_against_the_published_checksums(release, converted, tmp_path, monkeypatch):
+    _, summary = converted
+    assert summary["base_check"]["config"].startswith("agrees with the delta's config.json on rms_norm_eps")
+    assert summary["base_check"]["weights"].startswith(
+        "not verified: pytorch_model-00001-of-00002.bin has sha256"
+    )
+
+    known = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in release.base.glob("*.bin")}
+    monkeypatch.setattr(llama_base, "LLAMA1_7B_SHA256", known)
+    verified = convert_gpt4roi(
+        release.delta, release.base, release.clip, tmp_path / "verified", dtype="float32"
+    )
+    assert verified["base_check"]["weights"].startswith("verified")
+
+    other = write_gpt4roi_release(tmp_path / "safetensors", base_format="safetensors")
+    unverifiable = convert_gpt4roi(other.delta, other.base, other.clip, tmp_path / "other", dtype="float32")
+    assert "not in the two shards of the standard conversion" in unverifiable["base_check"]["weights"]
 
 
 def test_cli_converts_and_reports_errors(release, tmp_path, capsys):

@@ -60,6 +60,7 @@ def test_engine_matches_the_plain_path_token_for_token(kind):
             assert fast.token_ids == plain.token_ids
             assert fast.text == plain.text
             assert fast.score == pytest.approx(plain.score, abs=1e-4)
+            assert fast.truncated == plain.truncated
 
 
 def same_answers(got, expected) -> bool:
@@ -139,6 +140,7 @@ def test_each_row_stops_on_its_own_stop_strings(tiny):
         ]
     )
     assert len(answers[0][0].token_ids) == 1 and answers[0][0].text == ""
+    assert not answers[0][0].truncated  # a stop string ended it
     assert answers[1][0].token_ids == free[0].token_ids
     assert (
         answers[0][0].token_ids == generate_answer(model, processor, image, box, CAPTION, stopping).token_ids

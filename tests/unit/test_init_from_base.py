@@ -15,6 +15,7 @@ import torch
 from fake_checkpoints import llama_tokenizer, write_clip
 from PIL import Image
 from safetensors import safe_open
+from tiny_models import training_batch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -31,7 +32,7 @@ from transformers import (
 from roi_model.cli import main as cli_main
 from roi_model.configuration import SPECIAL_TOKENS
 from roi_model.convert import CheckpointError, init_from_base
-from roi_model.convert.base import region_layers_for
+from roi_model.convert.init_from_base import region_layers_for
 from roi_model.loading import load_pretrained
 
 # A small region encoder: the defaults are GPT4RoI's 1024-wide one.
@@ -215,13 +216,15 @@ def test_template_follows_the_tokenizer(initialised):
     assert summary["template"] == config.template
 
 
-def test_model_is_ready_to_train(initialised):
+def test_model_is_ready_to_train(initialised, tmp_path):
     _, _, _, _, _, model, processor = initialised
     image = Image.new("RGB", (80, 60), "red")
-    example = processor.training_example(
-        image, [[0.1, 0.2, 0.6, 0.9]], [("user", "describe <region1> ."), ("assistant", "a red square")]
+    example = (
+        image,
+        [[0.1, 0.2, 0.6, 0.9]],
+        [("user", "describe <region1> ."), ("assistant", "a red square")],
     )
-    batch = processor.collate([example])
+    batch = training_batch(processor, tmp_path, [example])
     model.train()
     loss = model(**batch).loss
     loss.backward()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_models import TEXTS, make_tiny, noise_image
+from tiny_models import TEXTS, make_tiny, noise_image, training_batch
 
 from roi_model.assembly import build_model, save_pretrained
 from roi_model.cli import main as cli_main
@@ -16,9 +16,9 @@ from roi_model.configuration import RegionLLMConfig
 from roi_model.generation import GenerationOptions, generate_answer
 from roi_model.loading import load_pretrained
 from roi_model.modeling import RegionLLMForCausalLM
-from roi_model.presets import gpt4roi_7b_config
+from roi_model.presets import gpt4roi_7b_config, tiny_config
 from roi_model.processing import IGNORE_INDEX, check_boxes, load_image
-from roi_model.tiny import tiny_config, train_word_tokenizer
+from roi_model.word_tokenizer import train_word_tokenizer
 
 CAPTION = "Describe <region1> briefly."
 
@@ -190,13 +190,11 @@ def test_loss_masking_gpt4roi_v0_template():
     del model
 
 
-def test_variable_regions_batch_with_padding_matches_single_examples(tiny):
+def test_variable_regions_batch_with_padding_matches_single_examples(tiny, tmp_path):
     model, processor = tiny
     examples = [
-        processor.training_example(
-            noise_image(80, 60, 1), [[0.1, 0.1, 0.5, 0.5]], [("user", CAPTION), ("assistant", "a red circle")]
-        ),
-        processor.training_example(
+        (noise_image(80, 60, 1), [[0.1, 0.1, 0.5, 0.5]], [("user", CAPTION), ("assistant", "a red circle")]),
+        (
             noise_image(60, 90, 2),
             [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]],
             [
@@ -207,16 +205,16 @@ def test_variable_regions_batch_with_padding_matches_single_examples(tiny):
             ],
         ),
     ]
-    batch = processor.collate(examples)
+    batch = training_batch(processor, tmp_path, examples)
     assert (
         batch["input_ids"].shape[0] == 2
         and batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()
     )
     with torch.no_grad():
         batched = model(**batch).loss
-        singles = [model(**processor.collate([example])) for example in examples]
+        singles = [model(**training_batch(processor, tmp_path, [example])) for example in examples]
     # the batch loss is the token-weighted mean of the single losses
-    counts = [sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples]
+    counts = [int((labels[1:] != IGNORE_INDEX).sum()) for labels in batch["labels"]]
     expected = sum(out.loss * count for out, count in zip(singles, counts, strict=True)) / sum(counts)
     assert torch.allclose(batched, expected, atol=1e-5)
 
@@ -245,11 +243,11 @@ def shape_image(colour: str, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def trained_tiny():
+def trained_tiny(tmp_path_factory):
     """A tiny model that learned to caption one coloured square per image (the learning smoke test)."""
     model, processor = make_tiny("convnext")
     examples = [
-        processor.training_example(
+        (
             shape_image(colour, box),
             [[b / 96 for b in box]],
             [("user", CAPTION), ("assistant", f"a large {colour} square")],
@@ -261,7 +259,7 @@ def trained_tiny():
             ("red", (50, 5, 92, 47)),
         ]
     ]
-    batch = processor.collate(examples)
+    batch = training_batch(processor, tmp_path_factory.mktemp("squares"), examples)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -286,11 +284,14 @@ def test_generation_answers_and_stops_on_stop_string(trained_tiny):
     full = generate_answer(model, processor, image, [box], CAPTION, GenerationOptions(max_new_tokens=8))
     assert full.text == "a large blue square"
     assert full.token_ids[-1] == processor.tokenizer.eos_token_id and full.score < 0
+    assert not full.truncated
+    cut = generate_answer(model, processor, image, [box], CAPTION, GenerationOptions(max_new_tokens=2))
+    assert (cut.text, cut.truncated) == ("a large", True)  # max_new_tokens ended it: the answer says so
     stopped = generate_answer(
         model, processor, image, [box], CAPTION, GenerationOptions(max_new_tokens=8, stop_strings=("blue",))
     )
     assert stopped.text == "a large"
-    assert len(stopped.token_ids) == 3
+    assert len(stopped.token_ids) == 3 and not stopped.truncated
     sampled = generate_answer(
         model,
         processor,
@@ -321,7 +322,7 @@ def png_bytes(image: Image.Image) -> bytes:
             "<region2> refers to box 2, but only 1 box given",
         ),
         ([[0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.5, 0.5]], CAPTION, "box 2 is never referenced"),
-        ([[0.1, 0.1, 0.2]], CAPTION, "has 3 numbers"),
+        ([[0.1, 0.1, 0.2]], CAPTION, "has four numbers x1, y1, x2, y2, got 3"),
         ([[0.1, 0.1, 0.2, 0.2]], "   ", "the question is empty"),
     ],
 )

@@ -13,8 +13,8 @@ from roi_model.assembly import build_model
 from roi_model.cli import main as cli_main
 from roi_model.presets import preset_config
 from roi_model.synthetic import generate_world
-from roi_model.tiny import train_word_tokenizer
 from roi_model.training import TrainOptions, apply_stage, train
+from roi_model.word_tokenizer import train_word_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

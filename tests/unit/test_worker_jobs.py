@@ -170,13 +170,13 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
                 "id": "r1:caption",
                 "text": answers[0].text,
                 "score": pytest.approx(answers[0].score, abs=1e-5),
-                "truncated": False,
+                "truncated": answers[0].truncated,
             },
             {
                 "id": "pair",
                 "text": answers[1].text,
                 "score": pytest.approx(answers[1].score, abs=1e-5),
-                "truncated": False,
+                "truncated": answers[1].truncated,
             },
         ],
     }

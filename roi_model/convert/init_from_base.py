@@ -216,15 +216,11 @@ def _language_model_tensors(
             shape = (rows, *shape[1:])
             load = partial(_grown_embedding, reader, name, dtype, rows, pretrained_tokens, new_ids)
         else:
-            load = partial(_cast, reader, name, dtype)
+            load = partial(reader.tensor, name, dtype)
         planned.append(
             PlannedTensor(name=LM_PREFIX + name, shape=shape, dtype=dtype, load=load, origin=f"--llm {name}")
         )
     return planned
-
-
-def _cast(reader: CheckpointReader, name: str, dtype: torch.dtype) -> torch.Tensor:
-    return reader.tensor(name).to(dtype)
 
 
 def _grown_embedding(
