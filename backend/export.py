@@ -46,6 +46,7 @@ from typing import Any
 from backend.describe_jobs import region_question, textarea_text
 from backend.export_images import StoredImage
 from backend.labeling import LabelingScheme
+from backend.predictions import TRUNCATED_MARK
 from backend.regions import region_from_item
 from roi_contract.describe import REGION_REFERENCE
 from roi_contract.project import Prompts
@@ -396,7 +397,8 @@ def _pixel_boxes(
 def _answer(item: Mapping[str, Any] | None, scheme: LabelingScheme) -> tuple[str | None, str | None]:
     """(answer, None) or (None, reason)."""
     if scheme.answer_type == "textarea":
-        text = textarea_text(item)
+        # A suggestion accepted with its cut-off mark still trains on the words, never on the mark.
+        text = textarea_text(item).replace(TRUNCATED_MARK, "").strip()
         return (text, None) if text else (None, "no_text")
     chosen = ((item or {}).get("value") or {}).get("choices") or []
     if not chosen:

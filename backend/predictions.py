@@ -38,6 +38,8 @@ _ECHOED_KEYS = (
     "image_rotation",
 )
 _GEOMETRY_KEYS = ("x", "y", "width", "height", "rotation")
+# Ends an answer that max_new_tokens cut off, so nobody accepts a cut sentence unknowingly.
+TRUNCATED_MARK = "[…cut off at the answer length limit]"
 # Words that say nothing about which choice the model meant.
 _FILLER_WORDS = frozenset({"a", "an", "the", "is", "it", "its", "this", "that", "of"})
 
@@ -128,7 +130,7 @@ def _answered(
             "from_name": scheme.answer,
             "to_name": scheme.interface.get_control(scheme.answer).to_name[0],
             "type": "textarea",
-            "value": {"text": [text]},
+            "value": {"text": [_shown(text, answer)]},
             "score": score,
         }
         yield [*rectangles, task_answer], score
@@ -142,7 +144,7 @@ def _answered(
         rectangle = _echo(region, scheme)
         # The typed question goes back with the box: the accepted suggestion replaces the region's items.
         question = _typed_question_item(region, rectangle, scheme)
-        content = _answer_value(scheme, answer.text)
+        content = _answer_value(scheme, answer.text, answer)
         if content is None:
             why = f"matches none of the choices {list(scheme.choices)}" if scheme.choices else "is empty"
             logger.info(
@@ -214,10 +216,15 @@ def _in_task_numbering(text: str, regions: Sequence[Region], request: DescribeRe
     )
 
 
-def _answer_value(scheme: LabelingScheme, text: str) -> dict | None:
+def _shown(text: str, answer: Answer) -> str:
+    """The text as the annotator sees it: an answer the token limit cut off says so at its end."""
+    return f"{text} {TRUNCATED_MARK}" if answer.truncated else text
+
+
+def _answer_value(scheme: LabelingScheme, text: str, answer: Answer) -> dict | None:
     """The answer item's value content; None when the answer cannot be used."""
     if scheme.answer_type == "textarea":
-        return {"text": [text]} if text.strip() else None
+        return {"text": [_shown(text, answer)]} if text.strip() else None
     choice = closest_choice(text, scheme.choices)
     return {"choices": [choice]} if choice is not None else None
 

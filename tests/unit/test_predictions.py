@@ -16,7 +16,7 @@ from ls_results import (
 )
 
 from backend.describe_jobs import REASONING_QUESTION_ID, describe_request
-from backend.predictions import closest_choice, prediction_from_answers
+from backend.predictions import TRUNCATED_MARK, closest_choice, prediction_from_answers
 from backend.regions import Region, drawn_region, regions_from_result
 from roi_contract.describe import DescribeRequest, DescribeResult
 from roi_contract.project import Prompts
@@ -334,3 +334,12 @@ def test_a_region_built_by_hand_cannot_be_echoed():
     region = Region(id="r1", box=(0.1, 0.1, 0.2, 0.2))
     with pytest.raises(ValueError, match="region 'r1' has no LS result item to echo"):
         prediction_from_answers(CAPTION, [region], answered([{"id": "r1:caption", "text": "x", "score": -1}]))
+
+
+def test_an_answer_cut_off_by_the_token_limit_says_so():
+    regions = regions_from_result(TWO_BOXES, CAPTION)
+    answers = [{"id": "r1:caption", "text": "a large red", "score": -0.2, "truncated": True}]
+
+    prediction = prediction_from_answers(CAPTION, regions, answered(answers))
+
+    assert prediction["result"][1]["value"]["text"] == [f"a large red {TRUNCATED_MARK}"]
