@@ -72,6 +72,8 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
     )
 
     app = Flask("backend")
+    # Werkzeug answers 413 before reading a larger body; our error handler makes it JSON.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     _register_auth(app, settings)
     _register_error_handlers(app)
 
@@ -168,8 +170,10 @@ def _json_object() -> dict[str, Any]:
         raise BadRequest("the request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # also numbers longer than Python reads (4300 digits)
+        raise BadRequest(f"the request body is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise BadRequest("the request body nests JSON deeper than the backend reads") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
     return body

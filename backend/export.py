@@ -252,7 +252,7 @@ def _record(
             "annotator": _annotator(annotation),
             "ground_truth": bool(annotation.get("ground_truth")),
             "origin": origins.pop() if len(origins) == 1 else MIXED_ORIGIN,
-            "model_version": (prediction or {}).get("model_version"),
+            "model_version": _mapping(prediction).get("model_version"),
             # One answer: its suggestion; several: see each answer turn's source.
             "suggestion": answers[0]["suggestion"] if len(answers) == 1 else None,
             "region_ids": region_ids,
@@ -273,7 +273,7 @@ def _region_turns(
     """caption, region_qa, classification: a question and an answer per answered region."""
     answers = _items_by_region(annotation["result"], scheme.answer)
     typed = _items_by_region(annotation["result"], scheme.question) if scheme.kind == "region_qa" else {}
-    suggested = _items_by_region((prediction or {}).get("result") or [], scheme.answer)
+    suggested = _items_by_region(_mapping(prediction).get("result") or [], scheme.answer)
     region_ids: list[str] = []
     boxes: list[list[int]] = []
     conversation: list[dict] = []
@@ -315,7 +315,7 @@ def _reasoning_turns(
 ) -> tuple[list[str], list[list[int]], list[dict]] | None:
     """reasoning: the task's question over all rectangles (in result order) and the annotation's answer."""
     pixel_boxes = _pixel_boxes(annotation, scheme, image)
-    question = (task.get("data") or {}).get(scheme.question_key)
+    question = _mapping(task.get("data")).get(scheme.question_key)
     answer_item = next((i for i in annotation["result"] if i.get("from_name") == scheme.answer), None)
     answer = textarea_text(answer_item)
     tags = [int(k) for k in REGION_REFERENCE.findall(question)] if isinstance(question, str) else []
@@ -333,7 +333,7 @@ def _reasoning_turns(
         tally.skip_annotation(annotation, scheme, reason)
         return None
     prediction_answer = next(
-        (i for i in (prediction or {}).get("result") or [] if i.get("from_name") == scheme.answer), None
+        (i for i in _mapping(prediction).get("result") or [] if i.get("from_name") == scheme.answer), None
     )
     origin = _origin(answer_item, None)
     conversation = _turn_pair(
@@ -400,7 +400,7 @@ def _answer(item: Mapping[str, Any] | None, scheme: LabelingScheme) -> tuple[str
         # A suggestion accepted with its cut-off mark still trains on the words, never on the mark.
         text = textarea_text(item).replace(TRUNCATED_MARK, "").strip()
         return (text, None) if text else (None, "no_text")
-    chosen = ((item or {}).get("value") or {}).get("choices") or []
+    chosen = _mapping(_mapping(item).get("value")).get("choices") or []
     if not chosen:
         return None, "no_choice"
     if len(chosen) > 1:
@@ -436,14 +436,14 @@ def _suggestion(origin: str, suggested_item: Mapping[str, Any] | None, scheme: L
     if origin != "prediction-changed" or suggested_item is None:
         return None
     if scheme.answer_type == "choices":
-        chosen = (suggested_item.get("value") or {}).get("choices") or []
+        chosen = _mapping(suggested_item.get("value")).get("choices") or []
         return ", ".join(str(choice) for choice in chosen) or None
     return textarea_text(suggested_item) or None
 
 
 def _origin(answer_item: Mapping[str, Any] | None, rectangle: Mapping[str, Any] | None) -> str:
     for item in (answer_item, rectangle):
-        origin = (item or {}).get("origin")
+        origin = _mapping(item).get("origin")
         if isinstance(origin, str) and origin:
             return origin
     return UNKNOWN_ORIGIN
@@ -536,7 +536,8 @@ def _region_ref(annotation: Mapping[str, Any], rectangle: Mapping[str, Any]) -> 
     twins = [
         item
         for item in annotation["result"]
-        if item.get("from_name") == rectangle.get("from_name") and item.get("id") == rectangle.get("id")
+        if item is rectangle  # an id like NaN equals nothing, itself included
+        or (item.get("from_name") == rectangle.get("from_name") and item.get("id") == rectangle.get("id"))
     ]
     position = next(index for index, item in enumerate(twins, start=1) if item is rectangle)
     ref = f"{annotation['id']}:{rectangle.get('id')}"
@@ -555,8 +556,13 @@ def _items_by_region(
 
 
 def _image_url(task: Mapping[str, Any], scheme: LabelingScheme) -> str | None:
-    url = (task.get("data") or {}).get(scheme.image_key)
+    url = _mapping(task.get("data")).get(scheme.image_key)
     return url.strip() if isinstance(url, str) and url.strip() else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """`value` when it is a JSON object, else an empty one: a malformed part reads as a missing one."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def _annotator(annotation: Mapping[str, Any]) -> Any:

@@ -10,6 +10,7 @@ class, `LabelStudioError`, carrying LS's status code and message. For anything e
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from label_studio_sdk.core.api_error import ApiError
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+TASKS_PER_PAGE = 100
 
 
 class LabelStudioError(RuntimeError):
@@ -167,15 +169,32 @@ class LabelStudioClient:
     def get_tasks(self, project: int, task_ids: Sequence[int] | None = None) -> list[JSON]:
         """Tasks with their annotations, predictions and drafts, as LS's JSON, in id order.
 
-        The task list, not GET /api/tasks/{id}: opening a single task makes LS call the ML backend.
+        The task list, not GET /api/tasks/{id}: opening a single task makes LS call the ML backend. The ids
+        go TASKS_PER_PAGE at a time, one page per request, so the URL stays short for any selection and no
+        page past the last is asked for (LS answers that with 404 "Invalid page" and logs a traceback).
         """
-        # LS reads the selection only from `query` (the SDK's own `selected_items` parameter is ignored).
-        query = None
-        if task_ids is not None:
-            query = json.dumps({"selectedItems": {"all": False, "included": list(task_ids)}})
-        with translated_errors(f"get tasks of project {project}"):
-            tasks = [_plain(task) for task in self.sdk.tasks.list(project=project, fields="all", query=query)]
+        if task_ids is None:
+            return self._task_pages(project, None)
+        ids = list(dict.fromkeys(task_ids))
+        tasks = []
+        for start in range(0, len(ids), TASKS_PER_PAGE):
+            tasks += self._task_pages(project, ids[start : start + TASKS_PER_PAGE])
         return sorted(tasks, key=lambda task: task["id"])
+
+    def _task_pages(self, project: int, task_ids: list[int] | None) -> list[JSON]:
+        params: dict[str, Any] = {"project": project, "fields": "all", "page_size": TASKS_PER_PAGE}
+        if task_ids is not None:
+            # LS reads a selection only from `query` (the SDK's own `selected_items` parameter is ignored).
+            params["query"] = json.dumps({"selectedItems": {"all": False, "included": task_ids}})
+        tasks: list[JSON] = []
+        for page in itertools.count(1):
+            reply = self._http(
+                f"get tasks of project {project}", "GET", "api/tasks/", params={**params, "page": page}
+            )
+            body = reply.json()
+            tasks += body.get("tasks") or []
+            if len(tasks) >= int(body.get("total") or 0) or not body.get("tasks"):
+                return sorted(tasks, key=lambda task: task["id"])
 
     def create_prediction(self, task: int, result: list[JSON], score: float, model_version: str) -> int:
         with translated_errors(f"create prediction for task {task}"):
@@ -206,7 +225,13 @@ class LabelStudioClient:
             chunks = self.sdk.projects.exports.download_sync(
                 project, export_type="JSON", download_all_tasks=all_tasks
             )
-            return json.loads(b"".join(chunks))
+            data = b"".join(chunks)
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as error:
+            raise LabelStudioError(
+                f"export project {project}", 200, f"not readable JSON ({str(error)[:200]})"
+            ) from None
 
     # ML backends
 

@@ -71,9 +71,6 @@ def parse_predict_request(body: Mapping[str, Any]) -> PredictRequest:
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
-    for index, task in enumerate(tasks):
-        if not isinstance(task, dict) or "id" not in task:
-            raise BadRequest(f"task {index} must be a JSON object with an 'id'")
     label_config = body.get("label_config")
     if not isinstance(label_config, str) or not label_config.strip():
         raise BadRequest("'label_config' must be the project's label config (XML)")
@@ -93,6 +90,8 @@ def parse_predict_request(body: Mapping[str, Any]) -> PredictRequest:
             raise BadRequest(
                 f"an interactive call (params.context set) needs exactly one task, got {len(tasks)}"
             )
+        if malformed_task(tasks[0], 0):
+            raise BadRequest(malformed_task(tasks[0], 0))
         context_result = [item for item in context["result"] if isinstance(item, dict)]
     return PredictRequest(project_id, label_config, tasks, context_result)
 
@@ -138,10 +137,25 @@ def plan_interactive(
     return TaskPlan(task.get("id"), [region], request)
 
 
+def malformed_task(task: Any, index: int) -> str | None:
+    """Why `task` (the index-th of the call) is not a Label Studio task; None when it is one."""
+    if not isinstance(task, Mapping):
+        return f"task {index} is not a JSON object"
+    task_id = task.get("id")
+    if isinstance(task_id, bool) or not isinstance(task_id, int):
+        return f"task {index} has no integer 'id'"
+    return None
+
+
 def plan_batch_task(
-    task: Mapping[str, Any], scheme: LabelingScheme, prompts: Prompts, max_new_tokens: int
+    task: Any, scheme: LabelingScheme, prompts: Prompts, max_new_tokens: int, index: int = 0
 ) -> TaskPlan:
-    """Describe the regions a task already has; an empty result when it has none (or nothing to ask)."""
+    """Describe the regions a task already has; an empty result when it has none (or nothing to ask).
+
+    A malformed task gets an error naming what is wrong with it; the others of the call are answered."""
+    problem = malformed_task(task, index)
+    if problem is not None:
+        return TaskPlan(None, outcome=failed(problem))
     try:
         regions, source_result = task_regions(task, scheme)
         if not regions:
@@ -218,7 +232,10 @@ class Predictor:
         return {"result": [], **outcome}
 
     def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> list[dict]:
-        plans = [plan_batch_task(task, scheme, params.prompts, self.max_new_tokens) for task in call.tasks]
+        plans = [
+            plan_batch_task(task, scheme, params.prompts, self.max_new_tokens, index)
+            for index, task in enumerate(call.tasks)
+        ]
         to_describe = [plan for plan in plans if plan.request is not None]
         if len(to_describe) <= self.inline_tasks:
             deadline = time.monotonic() + self.timeout_s

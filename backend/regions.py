@@ -31,16 +31,20 @@ class Region:
 
 
 def region_from_item(item: Mapping[str, Any], question_item: Mapping[str, Any] | None = None) -> Region:
-    where = f"rectangle {str(item.get('id'))[:80]!r}"
+    region_id = item.get("id")
+    if not isinstance(region_id, str | int) or isinstance(region_id, bool) or not str(region_id):
+        raise ValueError(f"a rectangle has no 'id' (got {str(region_id)[:40]!r})")
+    where = f"rectangle {str(region_id)[:80]!r}"
     value = item.get("value")
     if not isinstance(value, Mapping):
         raise ValueError(f"{where} has no 'value' object")
     geometry = {key: _finite(value.get(key), f"{where} value.{key}") for key in _GEOMETRY}
     rotation = _finite(value.get("rotation") or 0, f"{where} value.rotation")
     width, height = (_size(item.get(key), f"{where} {key}") for key in ("original_width", "original_height"))
-    labels = value.get(item.get("type", ""), ())
+    kind = item.get("type")
+    labels = value.get(kind, ()) if isinstance(kind, str) else ()
     return Region(
-        id=str(item["id"]),
+        id=str(region_id),
         box=_bounding_box(geometry, rotation, width, height),
         labels=tuple(str(label) for label in labels) if isinstance(labels, list) else (),
         original_width=width,
@@ -96,7 +100,7 @@ def regions_from_result(result: Iterable[Mapping[str, Any]], scheme: LabelingSch
 
     region_qa: each region carries the question item that shares its id (the last one, if there are several).
     """
-    result = list(result)
+    result = [item for item in result if isinstance(item, Mapping)]
     question_control = scheme.question if scheme.kind == "region_qa" else None
     questions = {
         str(item.get("id")): item
@@ -129,16 +133,29 @@ def task_regions(task: Mapping[str, Any], scheme: LabelingScheme) -> tuple[list[
     Looks at the newest non-cancelled annotation with rectangles, else the newest draft with rectangles,
     else the newest prediction with rectangles. Returns ([], []) when none has any.
     """
-    annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-    for source in (annotations, task.get("drafts") or [], task.get("predictions") or []):
+    annotations = [a for a in _entries(task, "annotations") if not a.get("was_cancelled")]
+    for source in (annotations, _entries(task, "drafts"), _entries(task, "predictions")):
         for entry in sorted(source, key=_recency, reverse=True):
-            result = entry.get("result") or []
+            result = entry.get("result")
+            if not isinstance(result, list):
+                continue
             regions = regions_from_result(result, scheme)
             if regions:
                 return regions, result
     return [], []
 
 
+def _entries(task: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """The task's annotations, drafts or predictions that are objects (LS sends some as bare ids)."""
+    entries = task.get(key)
+    return [entry for entry in entries if isinstance(entry, Mapping)] if isinstance(entries, list) else []
+
+
 def _recency(entry: Mapping[str, Any]) -> tuple[str, int]:
     # LS writes every timestamp in the same ISO 8601 UTC form, so string order is time order.
-    return (entry.get("updated_at") or entry.get("created_at") or "", entry.get("id") or 0)
+    stamp = entry.get("updated_at") or entry.get("created_at")
+    entry_id = entry.get("id")
+    return (
+        stamp if isinstance(stamp, str) else "",
+        entry_id if isinstance(entry_id, int) and not isinstance(entry_id, bool) else 0,
+    )

@@ -41,6 +41,8 @@ class Settings:
     # Batch /predict answers up to this many tasks inline; larger selections go to the prelabel queue.
     inline_predict_tasks: int = 8
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    # Largest request body the backend reads (Label Studio sends whole task lists to /predict).
+    max_request_bytes: int = 32 * 1024 * 1024
     # Image fetching (backend/images.py: the worker and the export share it)
     image_allowed_hosts: tuple[str, ...] = ()
     local_files_root: Path | None = None
@@ -84,6 +86,7 @@ class Settings:
             predict_timeout_s=number("ROI_PREDICT_TIMEOUT", float, cls.predict_timeout_s),
             inline_predict_tasks=number("ROI_INLINE_PREDICT_TASKS", int, cls.inline_predict_tasks),
             max_new_tokens=number("ROI_MAX_NEW_TOKENS", int, cls.max_new_tokens),
+            max_request_bytes=number("ROI_MAX_REQUEST_BYTES", int, cls.max_request_bytes),
             image_allowed_hosts=_split(get("ROI_IMAGE_ALLOWED_HOSTS")),
             local_files_root=Path(root) if root else None,
             image_max_bytes=number("ROI_IMAGE_MAX_BYTES", int, cls.image_max_bytes),

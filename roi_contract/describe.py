@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
@@ -32,6 +33,7 @@ DEFAULT_MAX_NEW_TOKENS = 48
 # Far above any caption or answer; keeps one request from holding a GPU for minutes.
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_URL_CHARS = 4096  # image URLs are references, never the image itself (data: URLs are refused)
+IMAGE_URL_SCHEMES = frozenset({"", "http", "https", "s3", "gs", "azure-blob", "file"})
 MAX_ID_CHARS = 200
 MAX_QUESTION_CHARS = 2000
 MAX_REGIONS = 200
@@ -50,6 +52,20 @@ def checked_box(box: list[float]) -> list[float]:
     return [x1, y1, x2, y2]
 
 
+def _image_reference(url: str) -> str:
+    """What a worker may fetch: Label Studio paths, http(s), cloud storage URIs, local paths. Data URLs are
+    refused here, before a job is stored: an image travels by reference, never inside a job."""
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in url) or "\\" in url:
+        raise ValueError("the image URL contains control characters or a backslash")
+    scheme = urlsplit(url).scheme.lower() if ":" in url.split("/", 1)[0] else ""
+    if scheme not in IMAGE_URL_SCHEMES:
+        raise ValueError(
+            f"image URLs with scheme {scheme!r} are not fetched (allowed: Label Studio paths, "
+            f"{', '.join(sorted(s for s in IMAGE_URL_SCHEMES if s))}, local paths)"
+        )
+    return url
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("the text is blank")
@@ -61,7 +77,11 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 class ImageRef(ContractModel):
-    url: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_URL_CHARS)]
+    url: Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_URL_CHARS),
+        AfterValidator(_image_reference),
+    ]
     task_id: int | None = None
 
 

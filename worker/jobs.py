@@ -43,6 +43,9 @@ __all__ = ["describe_regions", "finetune", "prelabel_tasks"]
 
 # An annotator drawing box after box on one image starts a describe job per box: fetch the image once.
 # (prelabel_tasks reads each task's image once, so it does not use it.)
+# A question's length in the model's tokens: far above any real question, far below what fills a GPU.
+MAX_QUESTION_TOKENS = 512
+
 _recent_images = RecentImages(ttl_s=60.0, max_bytes=64 * 1024 * 1024)
 
 
@@ -58,8 +61,19 @@ def describe_regions(request: dict) -> dict:
         parsed.image.url, task_id=parsed.image.task_id, settings=context.settings, cache=_recent_images
     )
     host = context.model()
+    check_question_lengths(parsed, host.engine.processor.tokenizer)
     [answers] = host.engine.answer([engine_request(parsed, image)])
     return describe_result(parsed, answers, host.version).model_dump(mode="json")
+
+
+def check_question_lengths(request: DescribeRequest, tokenizer) -> None:
+    """ValueError naming the first question longer than MAX_QUESTION_TOKENS in the model's own tokens."""
+    for question in request.questions:
+        tokens = len(tokenizer(question.text, add_special_tokens=False)["input_ids"])
+        if tokens > MAX_QUESTION_TOKENS:
+            raise ValueError(
+                f"question {question.id!r} is {tokens} tokens long; at most {MAX_QUESTION_TOKENS} are answered"
+            )
 
 
 def engine_request(request: DescribeRequest, image: Image.Image) -> ImageRequest:
@@ -138,7 +152,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
             summary["skipped_existing"] += 1
         else:
             try:
-                plan = _plan(task, scheme, prompts, settings)
+                plan = _plan(task, scheme, prompts, settings, engine.processor.tokenizer)
             except (ValueError, ImageRejected) as error:  # ImageRejected includes ImageUnavailable
                 summary["failed"].append({"task": task_id, "reason": str(error)})
             else:
@@ -168,7 +182,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
 
 
 def _plan(
-    task: Mapping[str, Any], scheme: LabelingScheme, prompts: Prompts, settings: Settings
+    task: Mapping[str, Any], scheme: LabelingScheme, prompts: Prompts, settings: Settings, tokenizer
 ) -> _PlannedTask | None:
     """The task's regions, request and image; None when it has nothing to ask about."""
     regions, source_result = task_regions(task, scheme)
@@ -184,6 +198,7 @@ def _plan(
     )
     if request is None:
         return None  # region_qa: no region carries a typed question
+    check_question_lengths(request, tokenizer)
     image = load_image(request.image.url, task_id=request.image.task_id, settings=settings)
     return _PlannedTask(task["id"], regions, request, image)
 

@@ -148,6 +148,25 @@ def test_project_tasks_with_predictions_and_local_files(
     )
 
 
+def test_tasks_of_a_large_selection_come_page_by_page_without_asking_past_the_last(
+    label_studio: LabelStudio, ls_client: LabelStudioClient
+) -> None:
+    project = ls_client.create_project("e2e many tasks", CONFIG)
+    task_ids = ls_client.import_tasks(
+        project, [{"data": {"image": f"/data/upload/x/{n}.png"}} for n in range(230)]
+    )
+    assert label_studio.log_path is not None
+    log_before = label_studio.log_path.read_text(errors="replace")
+
+    selected = ls_client.get_tasks(project, list(reversed(task_ids[5:])))  # 225 ids: three pages of ids
+    everything = ls_client.get_tasks(project)
+
+    assert [task["id"] for task in selected] == task_ids[5:]
+    assert [task["id"] for task in everything] == task_ids
+    log_after = label_studio.log_path.read_text(errors="replace")
+    assert "Invalid page" not in log_after[len(log_before) :]
+
+
 def test_export_json_keeps_annotation_and_region_ids(ls_client: LabelStudioClient, project: int) -> None:
     [task] = ls_client.import_tasks(project, [{"data": {"image": "/data/local-files/?d=images/green.png"}}])
     annotation = ls_client.create_annotation(

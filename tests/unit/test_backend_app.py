@@ -72,7 +72,7 @@ def test_a_body_that_is_no_json_object_is_a_400(client, data, message):
     ("changes", "message"),
     [
         ({"tasks": []}, "'tasks' must be a non-empty list of Label Studio tasks"),
-        ({"tasks": [{"data": {}}]}, "task 0 must be a JSON object with an 'id'"),
+        ({"tasks": [{"data": {}}], "params": {"context": {"result": []}}}, "task 0 has no integer 'id'"),
         ({"label_config": ""}, "'label_config' must be the project's label config (XML)"),
         ({"project": "x.1"}, "project must be a project id or '<id>.<created_at>', got 'x.1'"),
         (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from backend.labeling import scheme_from_config
 from backend.predict import (
     describe_job_id,
@@ -143,3 +145,39 @@ def test_parse_predict_request_tells_interactive_from_batch():
     assert (batch.project_id, batch.interactive) == (7, False)
     assert interactive.interactive
     assert interactive.context_result == [rectangle("r")]
+
+
+@pytest.mark.parametrize(
+    ("task", "error"),
+    [
+        ("a string", "task 3 is not a JSON object"),
+        ({"data": {}}, "task 3 has no integer 'id'"),
+        ({"id": True}, "task 3 has no integer 'id'"),
+        ({"id": 9, "data": "x", "predictions": [{"result": [rectangle("p")]}]}, "task 9 has no image URL"),
+        ({"id": 9, "data": {"image": "a.png"}, "annotations": "x", "predictions": [7, "x"]}, None),
+        (
+            {
+                "id": 9,
+                "data": {"image": "a.png"},
+                "annotations": [{"result": [{"from_name": "label", "id": "b"}]}],
+            },
+            "rectangle 'b' has no 'value' object",
+        ),
+        (
+            {
+                "id": 9,
+                "data": {"image": "a.png"},
+                "annotations": [{"result": [rectangle("b") | {"value": {"x": "1"}}]}],
+            },
+            "rectangle 'b' value.x must be a number",
+        ),
+    ],
+)
+def test_a_malformed_task_gets_an_error_naming_the_problem(task, error):
+    plan = plan_batch_task(task, CAPTION, PROMPTS, 32, index=3)
+
+    assert plan.request is None
+    if error is None:
+        assert plan.outcome == empty()  # nothing usable on it: nothing to describe
+    else:
+        assert plan.outcome["error"].startswith(error)

@@ -118,6 +118,31 @@ def test_a_bad_request_names_its_problem(bad, message):
     assert str(error.value).startswith("describe request: ")
 
 
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("/data/upload/3/a.png", True),
+        ("/data/local-files/?d=imgs/a.png", True),
+        ("https://images.example.com/a.png", True),
+        ("s3://bucket/key.png", True),
+        ("gs://bucket/key.png", True),
+        ("scene.png", True),
+        ("data:image/png;base64," + "A" * 100, False),
+        ("javascript:alert(1)", False),
+        ("ftp://files.example.com/a.png", False),
+        ("http://a\\@b/c.png", False),
+        ("/data/upload/a.png\x00", False),
+    ],
+)
+def test_an_image_travels_by_reference_never_inline(url, accepted):
+    data = request(image={"url": url})
+    if accepted:
+        assert describe(data).image.url == url
+    else:
+        with pytest.raises(ContractError, match="image.url"):
+            describe(data)
+
+
 def test_an_error_names_at_most_a_few_problems_and_shows_values_shortly():
     many = request(regions=[{"id": f"r{i}", "box": "x" * 500} for i in range(20)])
 

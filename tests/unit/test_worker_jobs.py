@@ -157,6 +157,9 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
                 regions=[{"id": "r1", "box": [0.4, 0.2, 0.4, 0.7]}, {"id": "r2", "box": [0.5, 0.5, 0.9, 0.9]}]
             )
             describe_regions(zero_area | {"image": {"url": "nowhere.png"}})
+        long_question = "Is <region1> " + "a " * 600 + "red?"
+        with pytest.raises(ValueError, match=r"question 'q' is \d+ tokens long; at most 512 are answered"):
+            describe_regions(request(questions=[{"id": "q", "text": long_question, "regions": ["r1"]}]))
     finally:
         activate(None)
 
