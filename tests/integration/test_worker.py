@@ -322,3 +322,27 @@ def test_the_worker_refuses_to_start_without_a_current_version(tmp_path, redis_s
     assert started.stderr.strip().count("\n") == 0
     assert "no model version is being served" in started.stderr
     assert "current does not exist" in started.stderr
+
+
+def test_urls_that_would_leak_the_label_studio_key_are_refused_before_any_request(
+    redis_conn, start_worker, image_server
+):
+    from tests.integration.worker_harness import ImageServer
+
+    with ImageServer() as canary:
+        start_worker(
+            "w1", env={"LABEL_STUDIO_URL": f"http://{image_server.host}", "LABEL_STUDIO_API_KEY": "s3cret"}
+        )
+        attacks = {
+            f"http://{canary.host}\\@{image_server.host}/data/upload/1/ok.png": "backslash",
+            f"http://x@{canary.host}/data/upload/1/ok.png": "user info",
+            "/data/upload/../../api/projects/": "not a Label Studio media path",
+            f"http://{canary.host}/ok.png": "not in ROI_IMAGE_ALLOWED_HOSTS",
+        }
+        for url, reason in attacks.items():
+            job = enqueue(redis_conn, INTERACTIVE, DESCRIBE, describe_request(url))
+            with pytest.raises(JobFailed, match=reason):
+                wait_for_result(job, timeout_s=60)
+
+        assert sum(canary.requests.values()) == 0
+    assert sum(image_server.requests.values()) == 0
