@@ -3,7 +3,9 @@
 `make demo`, the end-to-end tests and the benchmarks start the same processes the same way:
 
     redis    redis-server on 127.0.0.1 (EmbeddedRedis's command line), data in <state>/redis
-    worker   python -m worker.main, serving the model registry given (MODEL_DIR)
+    worker   python -m worker.main --queues interactive: the boxes annotators draw, never behind bulk work
+    prelabel python -m worker.main --queues interactive,prelabel: bulk pre-labeling (and boxes when idle)
+    trainer  python -m worker.main --queues train: fine-tuning, in a process of its own (no model loaded)
     backend  python -m backend.app on 127.0.0.1
     studio   Label Studio (devstack.label_studio.LabelStudio), started here unless already running
 
@@ -36,7 +38,9 @@ from devstack.redis_server import EmbeddedRedis, free_port
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_QUEUES = "interactive,prelabel,train"
+# One worker per queue class (name -> queues it serves): a box drawn while a project is pre-labeled or a
+# model fine-tuned is answered at once.
+WORKERS = {"worker": "interactive", "prelabel": "interactive,prelabel", "trainer": "train"}
 Sink = Callable[[str], None]
 
 
@@ -85,7 +89,7 @@ class Stack:
         *,
         backend_port: int | None = None,
         lines: LogLines | None = None,
-        queues: str = ALL_QUEUES,
+        workers: Mapping[str, str] | None = None,
         extra_env: Mapping[str, str] | None = None,
         start_timeout_s: float = 300.0,
     ) -> None:
@@ -94,10 +98,11 @@ class Stack:
         self.label_studio = label_studio
         self.backend_port = backend_port or free_port()
         self.lines = lines or LogLines()
-        self.queues = queues
+        self.workers = dict(workers or WORKERS)
         self.extra_env = dict(extra_env or {})
         self.start_timeout_s = start_timeout_s
-        self.worker_name = f"stack-worker-{secrets.token_hex(3)}"
+        run = secrets.token_hex(3)
+        self.worker_names = {name: f"stack-{name}-{run}" for name in self.workers}
         self._redis = EmbeddedRedis(self.state_dir / "redis")
         self._group: ProcessGroup | None = None
         self._processes: dict[str, ManagedProcess] = {}
@@ -155,17 +160,17 @@ class Stack:
         redis_process.wait_ready(lambda: self._redis_answers(redis_process.pid), timeout_s=30)
 
         python = sys.executable
-        # The worker and the backend load while Label Studio starts: the slowest three overlap.
-        worker = self._start(
-            "worker",
-            [python, "-m", "worker.main", "--queues", self.queues, "--model-dir", self.model_dir,
-             "--name", self.worker_name],
-        )  # fmt: skip
+        # The workers and the backend load while Label Studio starts: the slowest overlap.
+        workers = {}
+        for name, queues in self.workers.items():
+            argv = [python, "-m", "worker.main", "--queues", queues, "--model-dir", self.model_dir]
+            workers[name] = self._start(name, [*argv, "--name", self.worker_names[name]])
         backend = self._start("backend", [python, "-m", "backend.app", "--port", str(self.backend_port)])
         if not self.label_studio.running:
             self.label_studio.start()
             self._owns_label_studio = True
-        worker.wait_ready(self._worker_serving, timeout_s=self.start_timeout_s)
+        for name, worker in workers.items():
+            worker.wait_ready(lambda name=name: self._worker_serving(name), timeout_s=self.start_timeout_s)
         backend.wait_ready(self._backend_healthy, timeout_s=self.start_timeout_s)
         log.info("stack ready: backend %s, Label Studio %s", self.backend_url, self.label_studio.url)
 
@@ -180,14 +185,12 @@ class Stack:
         with contextlib.closing(redis.Redis.from_url(self.redis_url, socket_timeout=1)) as client:
             return client.info("server")["process_id"] == pid
 
-    def _worker_serving(self) -> bool:
+    def _worker_serving(self, name: str) -> bool:
         # RQ registers the worker once its model is loaded and it listens (its heartbeat says so only at
         # the next beat, up to 5 s later).
+        key = Worker.redis_worker_namespace_prefix + self.worker_names[name]
         with contextlib.closing(self.redis()) as client:
-            return (
-                Worker.find_by_key(Worker.redis_worker_namespace_prefix + self.worker_name, client)
-                is not None
-            )
+            return Worker.find_by_key(key, client) is not None
 
     def _backend_healthy(self) -> bool:
         return requests.get(f"{self.backend_url}/health", timeout=2).status_code == 200

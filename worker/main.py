@@ -214,6 +214,11 @@ def _queues(parser: argparse.ArgumentParser, value: str) -> list[str]:
     unknown = [name for name in names if name not in PRIORITY_ORDER]
     if unknown or not names:
         parser.error(f"--queues {value!r}: the queues are {', '.join(PRIORITY_ORDER)}")
+    if TRAIN in names and len(set(names)) > 1:
+        parser.error(
+            f"--queues {value!r}: the train queue needs a worker of its own (a fine-tune holds its worker for "
+            "minutes to hours, and every box drawn meanwhile would wait): start another roi-worker --queues train"
+        )
     return [name for name in PRIORITY_ORDER if name in names]
 
 
