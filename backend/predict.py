@@ -13,14 +13,18 @@ Two kinds of call arrive (reference/label-studio.md §2.3, §2.4):
 Describe jobs get a deterministic id (a digest of the job payload), so identical requests share one job:
 opening a task fires two identical /predict calls, and a result stays reusable for the queue's result_ttl.
 
-What each task's item means to Label Studio 1.23.2 (ml/models.py):
+What each task's item means to Label Studio 1.23.2 (ml/models.py, `_get_predictions_from_ml_backend`):
+an element of "results" may be one prediction or a list of them, and each is stored.
 
 * ``{"result": [...], "score", "model_version"}``: stored as a prediction.
-* ``{"result": [], "score": 0.0}``: the task has nothing to describe (no regions); stored as an empty
-  prediction of the served model version, so Label Studio does not ask again for it.
-* an item without "result" (a failure with ``"error"``, or ``"status": "queued"``): Label Studio stores
-  nothing and asks again next time. Interactive replies always carry a "result" (empty on failure),
-  because the labeling UI reads it directly.
+* ``[]``: stores nothing, and logs nothing. The answer for a task with nothing to describe (no regions, no
+  typed question yet), for one handed to the prelabel queue (its job writes the prediction later), and
+  for one that failed (the reason is in the backend's log). An empty prediction would be worse: Label
+  Studio would store it under the served version and skip the task in every later "Retrieve
+  predictions", so boxes drawn there later would never be described.
+* a dict without "result": Label Studio logs "incorrect prediction" as an ERROR; never sent.
+
+Interactive replies are read by the labeling UI itself, see `_interactive`.
 """
 
 from __future__ import annotations
@@ -171,7 +175,15 @@ def plan_batch_task(
 
 
 def empty() -> dict[str, Any]:
+    """Nothing to describe on the task."""
     return {"result": [], "score": 0.0}
+
+
+def _stored_prediction(outcome: dict[str, Any] | None) -> dict[str, Any] | list:
+    """A batch item: the prediction when there is one to store, else [] (Label Studio stores nothing)."""
+    if outcome and outcome.get("result"):
+        return outcome
+    return []
 
 
 def failed(reason: str) -> dict[str, Any]:
@@ -231,7 +243,7 @@ class Predictor:
         # The labeling UI reads "result" directly: always give it one.
         return {"result": [], **outcome}
 
-    def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> list[dict]:
+    def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> list:
         plans = [
             plan_batch_task(task, scheme, params.prompts, self.max_new_tokens, index)
             for index, task in enumerate(call.tasks)
@@ -247,7 +259,7 @@ class Predictor:
         for plan in plans:
             if plan.outcome and "error" in plan.outcome:
                 log.warning("project %s task %s: %s", call.project_id, plan.task_id, plan.outcome["error"])
-        return [plan.outcome or failed("no outcome") for plan in plans]
+        return [_stored_prediction(plan.outcome) for plan in plans]
 
     def _answer_ready_or_hand_over(
         self, call: PredictRequest, plans: Sequence[TaskPlan], scheme: LabelingScheme, params: ProjectSettings
