@@ -46,7 +46,7 @@ from typing import Any
 from backend.describe_jobs import region_question, textarea_text
 from backend.export_images import StoredImage
 from backend.labeling import LabelingScheme
-from backend.predictions import TRUNCATED_MARK
+from backend.predictions import FAILED_MARK, TRUNCATED_MARK
 from backend.regions import region_from_item
 from roi_contract.describe import REGION_REFERENCE
 from roi_contract.project import Prompts
@@ -399,6 +399,8 @@ def _answer(item: Mapping[str, Any] | None, scheme: LabelingScheme) -> tuple[str
     if scheme.answer_type == "textarea":
         # A suggestion accepted with its cut-off mark still trains on the words, never on the mark.
         text = textarea_text(item).replace(TRUNCATED_MARK, "").strip()
+        if text.startswith(FAILED_MARK):
+            return None, "model_failure_not_replaced"
         return (text, None) if text else (None, "no_text")
     chosen = _mapping(_mapping(item).get("value")).get("choices") or []
     if not chosen:

@@ -2,9 +2,9 @@
 
 Two kinds of call arrive (reference/label-studio.md §2.3, §2.4):
 
-* interactive (``params.context`` set, one task): the annotator just drew a box. Describe that box on the
-  `interactive` queue, wait up to the predict timeout, and reply with the box echoed plus the answer item
-  sharing its id.
+* interactive (``params.context`` set, one task): the annotator drew a box or typed into one (backend/
+  interactive.py decides what to ask). Ask it on the `interactive` queue, wait up to the predict timeout,
+  and reply with the boxes echoed plus the answer items sharing their ids.
 * batch ("Retrieve predictions", auto-predict when a task opens): describe the regions each task already
   has. Up to `inline_tasks` tasks with regions are answered inline (one describe job each, waited for
   together); a larger selection is answered with the results that are ready and handed to one
@@ -42,11 +42,12 @@ from rq.job import Job
 from werkzeug.exceptions import BadRequest
 
 from backend.describe_jobs import describe_request
+from backend.interactive import plan_interactive
 from backend.labeling import LabelingScheme
-from backend.predictions import prediction_from_answers
+from backend.predictions import failure_prediction, prediction_from_answers
 from backend.project_state import parse_project_id
 from backend.queues import INTERACTIVE, PRELABEL, JobFailed, JobTimeout, wait_for_result
-from backend.regions import Region, drawn_region, task_regions
+from backend.regions import Region, task_regions
 from backend.submit import finished_return_value, submit_once
 from roi_contract.describe import DescribeRequest, DescribeResult
 from roi_contract.project import ProjectSettings, Prompts
@@ -108,37 +109,6 @@ class TaskPlan:
     regions: Sequence[Region] = ()
     request: DescribeRequest | None = None
     outcome: dict[str, Any] | None = None
-
-
-def plan_interactive(
-    task: Mapping[str, Any],
-    context_result: Sequence[Mapping[str, Any]],
-    scheme: LabelingScheme,
-    prompts: Prompts,
-    max_new_tokens: int,
-) -> TaskPlan:
-    """Describe the box just drawn (the last manual rectangle of the context)."""
-    try:
-        if scheme.kind == "reasoning":
-            raise ValueError(
-                "interactive pre-annotation does not apply to a reasoning config: its question is about "
-                "all the boxes together; use Retrieve predictions once they are drawn"
-            )
-        region = drawn_region(context_result, scheme)
-        request = describe_request(
-            task,
-            [region],
-            scheme,
-            prompts,
-            source_result=context_result,
-            max_new_tokens=max_new_tokens,
-            only_region_id=region.id,
-        )
-    except ValueError as exc:
-        return TaskPlan(task.get("id"), outcome=failed(str(exc)))
-    if request is None:
-        return TaskPlan(task.get("id"), outcome=failed(f"nothing to ask about region {region.id!r} yet"))
-    return TaskPlan(task.get("id"), [region], request)
 
 
 def malformed_task(task: Any, index: int) -> str | None:
@@ -230,18 +200,32 @@ class Predictor:
         return {"results": self._batch(call, scheme, params)}
 
     def _interactive(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> dict:
+        """The reply the labeling UI reads (backend/interactive.py): suggestions, or no result at all."""
         task = call.tasks[0]
-        plan = plan_interactive(task, call.context_result or [], scheme, params.prompts, self.max_new_tokens)
-        if plan.request is not None:
-            job, _ = self._submit_describe(plan)
-            plan.outcome = self._collect(plan, job, scheme, time.monotonic() + self.timeout_s)
-        outcome = plan.outcome or failed("no outcome")
-        if "error" in outcome:
-            log.warning(
-                "project %s task %s: interactive: %s", call.project_id, plan.task_id, outcome["error"]
+        try:
+            plan = plan_interactive(
+                task, call.context_result or [], scheme, params.prompts, self.max_new_tokens
             )
-        # The labeling UI reads "result" directly: always give it one.
-        return {"result": [], **outcome}
+        except ValueError as exc:
+            log.warning("project %s task %s: interactive: %s", call.project_id, task.get("id"), exc)
+            return failed(str(exc))
+        if plan.waiting is not None:
+            log.info("project %s task %s: interactive: %s", call.project_id, plan.task_id, plan.waiting)
+            return {"status": "waiting", "reason": plan.waiting}
+        job, _ = self._submit_describe(plan)
+        task_plan = TaskPlan(plan.task_id, plan.regions, plan.request)
+        outcome = self._collect(task_plan, job, scheme, time.monotonic() + self.timeout_s, kept=plan.kept)
+        if "error" not in outcome:
+            return outcome
+        log.warning("project %s task %s: interactive: %s", call.project_id, plan.task_id, outcome["error"])
+        try:
+            shown = failure_prediction(scheme, plan.regions, outcome["error"], kept=plan.kept)
+        except ValueError as exc:  # a box that cannot be echoed: leave every box as it is
+            log.warning(
+                "project %s task %s: the boxes cannot be echoed: %s", call.project_id, plan.task_id, exc
+            )
+            shown = None
+        return shown or outcome
 
     def _batch(self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings) -> list:
         plans = [
@@ -306,19 +290,23 @@ class Predictor:
             reuse_finished=True,
         )
 
-    def _collect(self, plan: TaskPlan, job: Job, scheme: LabelingScheme, deadline: float) -> dict[str, Any]:
+    def _collect(
+        self, plan: TaskPlan, job: Job, scheme: LabelingScheme, deadline: float, kept: Sequence[Region] = ()
+    ) -> dict[str, Any]:
         try:
             answer = wait_for_result(job, max(deadline - time.monotonic(), 0.001))
         except JobTimeout:
-            return failed(f"no answer within {self.timeout_s:g} s (job {job.id} is still queued or running)")
+            return failed(f"no answer within {self.timeout_s:g} s (the workers are busy or down)")
         except JobFailed as exc:
-            return failed(f"job {job.id} failed: {exc.reason}")
-        return self._prediction(plan, answer, scheme)
+            return failed(f"the worker could not answer: {exc.reason}")
+        return self._prediction(plan, answer, scheme, kept)
 
-    def _prediction(self, plan: TaskPlan, answer: Any, scheme: LabelingScheme) -> dict[str, Any]:
+    def _prediction(
+        self, plan: TaskPlan, answer: Any, scheme: LabelingScheme, kept: Sequence[Region] = ()
+    ) -> dict[str, Any]:
         try:
             result = parse(DescribeResult, answer, "the worker's answer")
-            return prediction_from_answers(scheme, plan.regions, result, request=plan.request)
+            return prediction_from_answers(scheme, plan.regions, result, request=plan.request, kept=kept)
         except ContractError as exc:
             return failed(str(exc))
         except ValueError as exc:

@@ -38,6 +38,9 @@ _ECHOED_KEYS = (
     "image_rotation",
 )
 _GEOMETRY_KEYS = ("x", "y", "width", "height", "rotation")
+# Starts the answer field of a box the model could not answer, with the reason: seen where the annotator
+# looks, never trained on (backend/export.py drops such texts).
+FAILED_MARK = "[no answer:"
 # Ends an answer that max_new_tokens cut off, so nobody accepts a cut sentence unknowingly.
 TRUNCATED_MARK = "[…cut off at the answer length limit]"
 # Words that say nothing about which choice the model meant.
@@ -77,8 +80,12 @@ def prediction_from_answers(
     answered: DescribeResult,
     *,
     request: DescribeRequest | None = None,
+    kept: Sequence[Region] = (),
 ) -> dict:
     """A Label Studio prediction from the worker's answers, validated against the label config.
+
+    `kept`: rectangles echoed as they are, with their typed questions, so that an interactive reply does not
+    remove them (the editor deletes every smart-drawn box a reply leaves out).
 
     Per-region kinds: every answered region gives its echoed rectangle (region_qa: and its typed question)
     plus an answer item with the same id; when the answer cannot be used (no choice matches, empty text),
@@ -95,12 +102,49 @@ def prediction_from_answers(
         result += items
         if score is not None:
             scores.append(score)
+    result += _kept_items(scheme, kept)
 
     prediction = {
         "result": result,
         "score": sum(scores) / len(scores) if scores else 0.0,
         "model_version": answered.model_version,
     }
+    return _checked(scheme, prediction)
+
+
+def failure_prediction(
+    scheme: LabelingScheme, regions: Sequence[Region], reason: str, *, kept: Sequence[Region] = ()
+) -> dict | None:
+    """An interactive reply that keeps the boxes and says in the answer field why there is no answer.
+
+    None when the answer is not text (Choices cannot say why): the caller then replies without a result,
+    which leaves the boxes as they are.
+    """
+    if scheme.answer_type != "textarea":
+        return None
+    text = f"{FAILED_MARK} {reason[:300]}]"
+    result: list[dict] = []
+    if scheme.kind == "reasoning":
+        result += [_echo(region, scheme) for region in regions]
+        result.append(_task_answer(scheme, text, None))
+    else:
+        for region in regions:
+            rectangle = _echo(region, scheme)
+            result += [rectangle, *_typed_question_item(region, rectangle, scheme)]
+            result.append(_region_item(rectangle, scheme, scheme.answer, "textarea", {"text": [text]}))
+    result += _kept_items(scheme, kept)
+    return _checked(scheme, {"result": result, "score": 0.0, "model_version": "none"})
+
+
+def _kept_items(scheme: LabelingScheme, kept: Sequence[Region]) -> list[dict]:
+    items: list[dict] = []
+    for region in kept:
+        rectangle = _echo(region, scheme)
+        items += [rectangle, *_typed_question_item(region, rectangle, scheme)]
+    return items
+
+
+def _checked(scheme: LabelingScheme, prediction: dict) -> dict:
     errors = scheme.interface.validate_prediction(prediction, return_errors=True)
     if errors:
         raise ValueError("the prediction does not fit the label config: " + "; ".join(errors))
@@ -125,15 +169,7 @@ def _answered(
             logger.info("task-level answer is empty; the rectangles are echoed without it")
             yield rectangles, None
             return
-        task_answer = {
-            "id": uuid.uuid4().hex[:10],
-            "from_name": scheme.answer,
-            "to_name": scheme.interface.get_control(scheme.answer).to_name[0],
-            "type": "textarea",
-            "value": {"text": [_shown(text, answer)]},
-            "score": score,
-        }
-        yield [*rectangles, task_answer], score
+        yield [*rectangles, _task_answer(scheme, _shown(text, answer), score)], score
         return
 
     for region in regions:
@@ -159,6 +195,17 @@ def _answered(
             "score": score,
         }
         yield [rectangle, *question, region_answer], score
+
+
+def _task_answer(scheme: LabelingScheme, text: str, score: float | None) -> dict:
+    item = {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": scheme.answer,
+        "to_name": scheme.interface.get_control(scheme.answer).to_name[0],
+        "type": "textarea",
+        "value": {"text": [text]},
+    }
+    return item if score is None else {**item, "score": score}
 
 
 def _region_item(

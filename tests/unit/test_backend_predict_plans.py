@@ -12,7 +12,6 @@ from backend.predict import (
     empty,
     parse_predict_request,
     plan_batch_task,
-    plan_interactive,
     prelabel_job_id,
 )
 from roi_contract.project import Prompts
@@ -41,42 +40,6 @@ def rectangle(region_id, x=10, origin=None):
 
 def task(task_id=1, **fields):
     return {"id": task_id, "data": {"image": "/data/upload/1/a.png"}, **fields}
-
-
-def test_interactive_plan_describes_only_the_last_manual_box():
-    context = [rectangle("old", origin="prediction"), rectangle("new", x=50, origin="manual")]
-
-    plan = plan_interactive(task(), context, CAPTION, PROMPTS, max_new_tokens=32)
-
-    assert [region.id for region in plan.regions] == ["new"]
-    assert plan.request.model_dump() == {
-        "image": {"url": "/data/upload/1/a.png", "task_id": 1},
-        "regions": [{"id": "new", "box": [0.5, 0.1, 0.7, 0.3]}],
-        "questions": [{"id": "new:caption", "text": "Describe <region1> briefly.", "regions": ["new"]}],
-        "max_new_tokens": 32,
-    }
-    assert plan.outcome is None
-
-
-def test_interactive_plan_without_a_rectangle_explains_why():
-    plan = plan_interactive(task(), [], CAPTION, PROMPTS, 32)
-
-    assert plan.request is None
-    assert plan.outcome == {"error": "the interactive context has no rectangle from control 'label'"}
-
-
-def test_interactive_plan_for_a_reasoning_config_explains_why():
-    plan = plan_interactive(task(), [rectangle("r1", origin="manual")], REASONING, PROMPTS, 32)
-
-    assert plan.request is None
-    assert plan.outcome["error"].startswith("interactive pre-annotation does not apply to a reasoning config")
-
-
-def test_interactive_region_qa_without_a_typed_question_asks_nothing():
-    plan = plan_interactive(task(), [rectangle("r1", origin="manual")], REGION_QA, PROMPTS, 32)
-
-    assert plan.request is None
-    assert plan.outcome == {"error": "nothing to ask about region 'r1' yet"}
 
 
 def test_batch_plan_uses_the_newest_annotation_and_gives_an_empty_result_without_regions():
@@ -122,8 +85,10 @@ def test_batch_region_qa_asks_the_typed_questions():
 
 
 def test_job_ids_depend_only_on_the_payload():
-    request = plan_interactive(task(), [rectangle("r", origin="manual")], CAPTION, PROMPTS, 32).request
-    moved = plan_interactive(task(), [rectangle("r", x=11, origin="manual")], CAPTION, PROMPTS, 32).request
+    request = plan_batch_task(task(predictions=[{"result": [rectangle("r")]}]), CAPTION, PROMPTS, 32).request
+    moved = plan_batch_task(
+        task(predictions=[{"result": [rectangle("r", x=11)]}]), CAPTION, PROMPTS, 32
+    ).request
 
     assert describe_job_id(request) == describe_job_id(request.model_copy())
     assert describe_job_id(request) != describe_job_id(moved)

@@ -38,6 +38,7 @@ EXPECTED = {
         answer_type="textarea",
         per_region=True,
         question="question",
+        smart=True,
     ),
     "multi_region_reasoning.xml": dict(
         kind="reasoning",
@@ -46,6 +47,7 @@ EXPECTED = {
         per_region=False,
         question="question",
         question_key="question",
+        smart=True,
     ),
     "region_classification.xml": dict(
         kind="classification",
