@@ -3,7 +3,7 @@
 `create_app()` is the Flask application factory; production runs it under gunicorn
 (``gunicorn 'backend.app:create_app()'``), development through `main()` (the ``roi-backend`` script).
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions. Every reply is JSON, errors
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /training/<project>. Every reply is JSON, errors
 included: 400 names the problem with the request, 401 asks for basic auth, 503 says what is unreachable,
 and anything unexpected is logged and answered with a 500 that carries no traceback.
 
@@ -28,9 +28,11 @@ from werkzeug.exceptions import BadRequest, HTTPException
 
 from backend import heartbeats, project_state, registry_snapshot, webhooks
 from backend.labeling import UnsupportedConfig, scheme_from_config
+from backend.ls_client import LabelStudioClient
 from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
 from backend.queues import connect, redis_url
 from backend.settings import Settings, SettingsError
+from backend.training_status import training_status
 from roi_contract.project import ProjectSettings
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,13 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         max_new_tokens=settings.max_new_tokens,
         describe_job=job_names.describe,
         prelabel_job=job_names.prelabel,
+    )
+
+    # Label Studio's API, for checks before a job is queued (Start Training); without a key they are skipped.
+    label_studio = (
+        LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key, timeout_s=30.0)
+        if settings.label_studio_api_key
+        else None
     )
 
     app = Flask("backend")
@@ -115,7 +124,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         return predictor.predict(call, scheme, params)
 
     @app.post("/webhook")
-    def webhook() -> dict[str, Any]:
+    def webhook() -> Any:
         body = _json_object()
         try:
             event = webhooks.parse_event(body)
@@ -123,12 +132,22 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
             raise BadRequest(str(exc)) from None
         if event is None:
             return {"status": "ignored", "action": body["action"]}
-        return webhooks.handle_event(
-            fast,
-            event,
-            default_train_every=settings.train_every_annotations,
-            finetune_job=job_names.finetune,
-        )
+        try:
+            return webhooks.handle_event(
+                fast,
+                event,
+                default_train_every=settings.train_every_annotations,
+                finetune_job=job_names.finetune,
+                label_studio=label_studio,
+            )
+        except webhooks.TrainingRefused as refusal:
+            log.warning("project %s: Start Training refused: %s", event.project_id, refusal)
+            return jsonify(error=str(refusal)), 422
+
+    @app.get("/training/<int:project_id>")
+    def training(project_id: int) -> dict[str, Any]:
+        """The project's fine-tune: status, progress, and the gate's decision (README: "Start Training")."""
+        return training_status(fast, project_id)
 
     @app.get("/versions")
     def versions() -> dict[str, Any]:

@@ -22,7 +22,7 @@ Hence, per kind:
 
 Whatever fails, the boxes stay: the reply echoes them with the reason in the answer field (backend/
 predictions.py failure_prediction), or, where the answer is not text, carries no result at all. Other
-hand-drawn boxes that are not asked are echoed too, so the editor does not delete them.
+boxes of the call that are not asked are echoed as they are, so the editor neither deletes nor empties them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class InteractivePlan:
     task_id: Any
     regions: Sequence[Region] = ()  # the boxes asked about (reasoning: every box, in drawing order)
     request: DescribeRequest | None = None
-    kept: Sequence[Region] = ()  # other unanswered hand-drawn boxes, echoed so that the editor keeps them
+    # The call's items of every box not asked about (rectangle and per-region texts), echoed as they are: the
+    # editor replaces a box by its echo, and deletes a smart-drawn box that a reply leaves out.
+    kept: Sequence[Mapping[str, Any]] = ()
     waiting: str | None = None  # why nothing is asked yet: the reply then carries no result
 
 
@@ -61,12 +63,14 @@ def plan_interactive(
         return InteractivePlan(task_id, waiting=f"no box of '{scheme.rectangle}' in the call")
     answered = _answered_ids(context, scheme)
 
-    def ask(regions: Sequence[Region], kept: Sequence[Region] = ()) -> InteractivePlan:
+    def ask(regions: Sequence[Region]) -> InteractivePlan:
         request = describe_request(
             task, regions, scheme, prompts, source_result=context, max_new_tokens=max_new_tokens
         )
         if request is None:
             return InteractivePlan(task_id, waiting="nothing to ask yet")
+        asked = {region.id for region in regions}
+        kept = [item for item in context if str(item.get("id")) not in asked and _on_a_box(item, rectangles)]
         return InteractivePlan(task_id, regions, request, kept)
 
     if scheme.kind == "reasoning":
@@ -78,10 +82,14 @@ def plan_interactive(
             return InteractivePlan(
                 task_id, waiting="no box has a typed question yet: type it into the box and press Enter"
             )
-        return ask([r for r in open_boxes if r.id in typed], [r for r in open_boxes if r.id not in typed])
+        return ask([r for r in open_boxes if r.id in typed])
     if not open_boxes:
         return InteractivePlan(task_id, waiting="every box in the call has its answer already")
-    return ask(open_boxes[-1:], open_boxes[:-1])
+    return ask(open_boxes[-1:])
+
+
+def _on_a_box(item: Mapping[str, Any], rectangles: Sequence[Region]) -> bool:
+    return any(str(item.get("id")) == region.id for region in rectangles)
 
 
 def _plan_reasoning(

@@ -196,6 +196,35 @@ class LabelStudioClient:
             if len(tasks) >= int(body.get("total") or 0) or not body.get("tasks"):
                 return sorted(tasks, key=lambda task: task["id"])
 
+    def annotated_task_ids(self, project: int) -> Iterator[int]:
+        """Ids of the project's tasks with at least one annotation, page by page (read only as far as asked)."""
+        has_annotations = {
+            "conjunction": "and",
+            "items": [
+                {
+                    "filter": "filter:tasks:total_annotations",
+                    "operator": "greater",
+                    "type": "Number",
+                    "value": 0,
+                }
+            ],
+        }
+        params = {"project": project, "fields": "task_only", "page_size": TASKS_PER_PAGE}
+        params["query"] = json.dumps({"filters": has_annotations})
+        seen = 0
+        for page in itertools.count(1):
+            body = self._http(
+                f"list annotated tasks of project {project}",
+                "GET",
+                "api/tasks/",
+                params={**params, "page": page},
+            ).json()
+            tasks = body.get("tasks") or []
+            yield from (task["id"] for task in tasks)
+            seen += len(tasks)
+            if not tasks or seen >= int(body.get("total") or 0):
+                return
+
     def create_prediction(self, task: int, result: list[JSON], score: float, model_version: str) -> int:
         with translated_errors(f"create prediction for task {task}"):
             return self.sdk.predictions.create(

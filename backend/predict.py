@@ -291,7 +291,7 @@ class Predictor:
         )
 
     def _collect(
-        self, plan: TaskPlan, job: Job, scheme: LabelingScheme, deadline: float, kept: Sequence[Region] = ()
+        self, plan: TaskPlan, job: Job, scheme: LabelingScheme, deadline: float, kept: Sequence[Mapping] = ()
     ) -> dict[str, Any]:
         try:
             answer = wait_for_result(job, max(deadline - time.monotonic(), 0.001))
@@ -302,7 +302,7 @@ class Predictor:
         return self._prediction(plan, answer, scheme, kept)
 
     def _prediction(
-        self, plan: TaskPlan, answer: Any, scheme: LabelingScheme, kept: Sequence[Region] = ()
+        self, plan: TaskPlan, answer: Any, scheme: LabelingScheme, kept: Sequence[Mapping] = ()
     ) -> dict[str, Any]:
         try:
             result = parse(DescribeResult, answer, "the worker's answer")

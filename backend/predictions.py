@@ -80,12 +80,11 @@ def prediction_from_answers(
     answered: DescribeResult,
     *,
     request: DescribeRequest | None = None,
-    kept: Sequence[Region] = (),
+    kept: Sequence[Mapping[str, Any]] = (),
 ) -> dict:
     """A Label Studio prediction from the worker's answers, validated against the label config.
 
-    `kept`: rectangles echoed as they are, with their typed questions, so that an interactive reply does not
-    remove them (the editor deletes every smart-drawn box a reply leaves out).
+    `kept`: result items echoed as they are (the other boxes of an interactive call, backend/interactive.py).
 
     Per-region kinds: every answered region gives its echoed rectangle (region_qa: and its typed question)
     plus an answer item with the same id; when the answer cannot be used (no choice matches, empty text),
@@ -113,7 +112,7 @@ def prediction_from_answers(
 
 
 def failure_prediction(
-    scheme: LabelingScheme, regions: Sequence[Region], reason: str, *, kept: Sequence[Region] = ()
+    scheme: LabelingScheme, regions: Sequence[Region], reason: str, *, kept: Sequence[Mapping[str, Any]] = ()
 ) -> dict | None:
     """An interactive reply that keeps the boxes and says in the answer field why there is no answer.
 
@@ -136,12 +135,8 @@ def failure_prediction(
     return _checked(scheme, {"result": result, "score": 0.0, "model_version": "none"})
 
 
-def _kept_items(scheme: LabelingScheme, kept: Sequence[Region]) -> list[dict]:
-    items: list[dict] = []
-    for region in kept:
-        rectangle = _echo(region, scheme)
-        items += [rectangle, *_typed_question_item(region, rectangle, scheme)]
-    return items
+def _kept_items(scheme: LabelingScheme, kept: Sequence[Mapping[str, Any]]) -> list[dict]:
+    return [{key: item[key] for key in _ECHOED_KEYS if key in item} for item in kept]
 
 
 def _checked(scheme: LabelingScheme, prediction: dict) -> dict:

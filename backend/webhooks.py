@@ -16,6 +16,7 @@ also enqueue fine-tuning. One fine-tuning job per project at a time: its id is `
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,12 @@ from typing import Any
 import redis
 
 from backend import project_state
+from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.queues import TRAIN
 from backend.submit import submit_once
+from backend.training_status import finetune_job_id, training_refusal
+
+log = logging.getLogger(__name__)
 
 FINETUNE_JOB = "worker.jobs.finetune"
 
@@ -56,11 +61,11 @@ def parse_event(body: Mapping[str, Any]) -> WebhookEvent | None:
     if action == ANNOTATIONS_DELETED:
         annotations = body.get("annotations")
         if not isinstance(annotations, list):
-            raise ValueError(f"{action} needs an 'annotations' list, got {annotations!r}")
+            raise ValueError(f"{action} needs an 'annotations' list, got {str(annotations)[:80]!r}")
         return WebhookEvent(action, project_id, tuple(_annotation_id(a) for a in annotations))
     annotation = body.get("annotation")
     if not isinstance(annotation, Mapping):
-        raise ValueError(f"{action} needs an 'annotation' object, got {annotation!r}")
+        raise ValueError(f"{action} needs an 'annotation' object, got {str(annotation)[:80]!r}")
     result = annotation.get("result") or []
     if not isinstance(result, list):
         raise ValueError(f"annotation {annotation.get('id')!r} has a 'result' that is not a list")
@@ -72,19 +77,39 @@ def parse_event(body: Mapping[str, Any]) -> WebhookEvent | None:
     )
 
 
+class TrainingRefused(ValueError):
+    """Start Training for a project that cannot train now; the message says why and what to do."""
+
+
 def handle_event(
     connection: redis.Redis,
     event: WebhookEvent,
     *,
     default_train_every: int,
     finetune_job: str = FINETUNE_JOB,
+    label_studio: LabelStudioClient | None = None,
 ) -> dict[str, Any]:
-    """Record the event and fire the training triggers; returns the JSON reply."""
+    """Record the event and fire the training triggers; returns the JSON reply.
+
+    Start Training is checked first through `label_studio` (when the backend has a key for it): a project
+    that cannot train raises TrainingRefused before anything is queued.
+    """
     if event.action == START_TRAINING:
-        return {
-            "status": "ok",
-            "training": request_training(connection, event.project_id, START_TRAINING, finetune_job),
-        }
+        if label_studio is not None:
+            try:
+                refusal = training_refusal(label_studio, event.project_id)
+            except (
+                LabelStudioError
+            ) as error:  # the fine-tune checks again; a Label Studio hiccup is no refusal
+                log.warning(
+                    "project %s: cannot check before training (%s); queueing it", event.project_id, error
+                )
+                refusal = None
+            if refusal is not None:
+                raise TrainingRefused(refusal)
+        training = request_training(connection, event.project_id, START_TRAINING, finetune_job)
+        # "job" is what Label Studio reads to show the backend as Training.
+        return {"status": training["status"], "job": training["job_id"], "training": training}
     if event.action == ANNOTATIONS_DELETED:
         project_state.count_event(
             connection,
@@ -115,7 +140,7 @@ def request_training(
         connection,
         TRAIN,
         finetune_job,
-        job_id=f"finetune-{project_id}",
+        job_id=finetune_job_id(project_id),
         reuse_finished=False,
         project_id=project_id,
         reason=reason,

@@ -65,3 +65,14 @@ class TrainingRecord(ContractModel):
 def dataset_digest(data: bytes) -> str:
     """The digest a model card records for the dataset file it was trained on."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# A quarter of a project's tasks are held out from its fine-tunes to judge them.
+HELD_OUT_SHARE = 0.25
+
+
+def is_held_out(task_id: int, share: float = HELD_OUT_SHARE) -> bool:
+    """A task's side of the train / held-out split, fixed by its id: the same task is held out in every run,
+    and the backend can tell before a run whether both sides have tasks."""
+    digest = hashlib.sha256(f"task:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share

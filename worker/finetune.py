@@ -23,7 +23,7 @@ from backend import project_state, registry_snapshot
 from backend.dataset import export_project
 from backend.ls_client import LabelStudioClient
 from backend.queues import connect
-from roi_contract.records import dataset_digest
+from roi_contract.records import dataset_digest, is_held_out
 from roi_model.engine import RegionEngine
 from roi_model.evaluation import evaluate_records
 from roi_model.synthetic import generate_world
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 # 3e-4 it keeps 99.3-100% on replay, and 400 steps with 400 replayed images (rather than 300 and 200)
 # also keep the old captions (the reviewer's acceptance of them fell 1.1-1.7 points with the smaller mix).
 DEFAULTS = {"stage": "lora", "steps": 400, "learning_rate": 3e-4, "replay_images": 400}
-HELD_OUT_SHARE = 0.25
 REPLAY_EVAL_SHARE = 0.25
 REPLAY_TOLERANCE = 0.01  # exact-match points the candidate may lose on the replay sample
 
@@ -48,12 +47,6 @@ REPLAY_TOLERANCE = 0.01  # exact-match points the candidate may lose on the repl
 class Scores:
     held_out: float
     replay: float | None
-
-
-def is_held_out(task_id: int, share: float = HELD_OUT_SHARE) -> bool:
-    """A task's side of the split, fixed by its id: the same task is held out in every run."""
-    digest = hashlib.sha256(f"task:{task_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < share
 
 
 def gate(candidate: Scores, current: Scores) -> tuple[bool, str]:

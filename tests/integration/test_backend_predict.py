@@ -55,7 +55,8 @@ def test_interactive_call_captions_the_newly_drawn_box_and_echoes_it(make_backen
 
     assert reply.status_code == 200
     [prediction] = reply.json()["results"]
-    box, caption = prediction["result"]
+    box, caption, kept = prediction["result"]
+    assert kept == {key: earlier[key] for key in kept}  # the earlier box goes back as it was
     assert (box["id"], box["type"], box["value"]["rectanglelabels"]) == (
         "new1",
         "rectanglelabels",
@@ -100,7 +101,7 @@ def test_interactive_classification_answers_one_of_the_choices(make_backend, wor
     assert LabelInterface(CLASSIFICATION).validate_prediction(prediction, return_errors=True) == []
 
 
-def test_a_failing_job_gives_an_empty_interactive_result_with_the_reason(make_backend, worker):
+def test_a_failing_job_keeps_the_box_and_says_why_in_its_caption(make_backend, worker):
     backend = make_backend()
     drawn = rectangle("r1", 10, 10, 20, 20, origin="manual")
     body = predict_body(
@@ -111,11 +112,14 @@ def test_a_failing_job_gives_an_empty_interactive_result_with_the_reason(make_ba
 
     assert reply.status_code == 200
     [item] = reply.json()["results"]
-    assert item["result"] == []
-    assert "ConnectionError: cannot fetch http://unreachable.invalid/a.png" in item["error"]
+    box, caption = item["result"]
+    assert (box["id"], box["value"]["rectanglelabels"]) == ("r1", ["Object"])
+    [text] = caption["value"]["text"]
+    assert text.startswith("[no answer: the worker could not answer: ")
+    assert "ConnectionError: cannot fetch http://unreachable.invalid/a.png" in text
 
 
-def test_without_a_worker_the_interactive_call_times_out_with_an_empty_result(make_backend):
+def test_without_a_worker_the_interactive_call_times_out_keeping_the_box(make_backend):
     backend = make_backend(predict_timeout_s=0.3)
     drawn = rectangle("r1", 10, 10, 20, 20, origin="manual")
 
@@ -124,8 +128,8 @@ def test_without_a_worker_the_interactive_call_times_out_with_an_empty_result(ma
 
     assert time.monotonic() - started < 3
     [item] = reply.json()["results"]
-    assert item["result"] == []
-    assert "no answer within 0.3 s" in item["error"]
+    assert item["result"][0]["id"] == "r1"
+    assert item["result"][1]["value"]["text"][0].startswith("[no answer: no answer within 0.3 s")
 
 
 def test_batch_answers_every_task_in_order(make_backend, worker, caplog):
@@ -163,7 +167,7 @@ def test_identical_concurrent_calls_share_one_job(make_backend, worker, redis_co
     body = predict_body(
         CAPTION,
         [task(5, image=f"/data/upload/3/img.png?hold={go}")],
-        context={"result": [rectangle("r1", 1, 1, 9, 9)]},
+        context={"result": [rectangle("r1", 1, 1, 9, 9, origin="manual")]},
     )
 
     # Auto-predict on task open fires two identical calls (reference/label-studio.md §2.3).

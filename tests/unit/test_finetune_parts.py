@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from roi_contract.records import is_held_out
 from roi_model.synthetic import generate_world
 from roi_model.training import read_records
 from worker.finetune import (
@@ -14,7 +15,6 @@ from worker.finetune import (
     Scores,
     acceptance_by_version,
     gate,
-    is_held_out,
     replay_sample,
     split_by_task,
 )
