@@ -75,3 +75,17 @@ def project_stats(connection: redis.Redis, project_id: int) -> dict[str, int]:
     counters = connection.hgetall(_key(project_id, "stats"))
     values = {key.decode(): int(value) for key, value in counters.items()}
     return {name: values.get(name, 0) for name in STAT_FIELDS}
+
+
+def record_training_refusal(connection: redis.Redis, project_id: int, reason: str | None) -> None:
+    """Keep why the project's last Start Training was refused (None: it was not), for its training status."""
+    key = _key(project_id, "training_refusal")
+    if reason is None:
+        connection.delete(key)
+    else:
+        connection.set(key, json.dumps({"reason": reason, "at": time.time()}), ex=7 * 24 * 3600)
+
+
+def training_refusal(connection: redis.Redis, project_id: int) -> dict | None:
+    value = connection.get(_key(project_id, "training_refusal"))
+    return json.loads(value) if value else None

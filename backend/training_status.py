@@ -4,8 +4,9 @@ Label Studio 1.23.2 shows nothing of the backend's reply to Start Training: its 
 an empty body (ml/api.py), the dialog says "Request Sent! Response: {}", and a 2xx reply only sets the
 backend's state to Training until the next refresh of the ML backend list. So:
 
-* The refusal comes before anything is queued, with a 4xx reply naming the reason (Label Studio stores it
-  as the backend's error message), in the backend's log, and in the project's training status.
+* The refusal comes before anything is queued: a 422 reply naming the reason (Label Studio marks the
+  backend Error until its next refresh, and drops the reply's text), a line in the backend's log, and the
+  project's training status.
 * A queued fine-tune answers {"job": ..., "status": "queued"} (Label Studio sets "Training").
 * `GET /training/<project>` is where its progress and the gate's decision can be read
   (README: "Start Training").
@@ -19,6 +20,7 @@ import redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from backend import project_state
 from backend.ls_client import LabelStudioClient
 from backend.queues import SERIALIZER
 from roi_contract.records import is_held_out
@@ -47,6 +49,9 @@ def training_refusal(client: LabelStudioClient, project_id: int) -> str | None:
 def training_status(connection: redis.Redis, project_id: int) -> dict[str, Any]:
     """The project's fine-tune as RQ knows it: status, progress, the gate's decision or the failure."""
     job_id = finetune_job_id(project_id)
+    refused = project_state.training_refusal(connection, project_id)
+    if refused is not None:
+        return {"project": project_id, "job": None, "status": "refused", **refused}
     try:
         job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
     except NoSuchJobError:

@@ -105,6 +105,7 @@ def handle_event(
                     "project %s: cannot check before training (%s); queueing it", event.project_id, error
                 )
                 refusal = None
+            project_state.record_training_refusal(connection, event.project_id, refusal)
             if refusal is not None:
                 raise TrainingRefused(refusal)
         training = request_training(connection, event.project_id, START_TRAINING, finetune_job)

@@ -5,8 +5,9 @@
   migrations); later sessions start in about 5 s. Its local-files root is `label_studio.files_root`;
   its log is `label_studio.log_path`.
 * `ls_client`: a LabelStudioClient for it, with the legacy token.
-* `run_draw_box(...)`: draws a box with the smart rectangle tool in headless Chromium
-  (tests/e2e/browser/draw_box.js) and returns the JSON line it prints.
+* `run_annotate(...)`: plays an annotator's steps on a task in headless Chromium (tests/e2e/browser/
+  annotate.js: draw boxes with the smart tool, type into a box's field and press Enter) and returns the
+  JSON line it prints; `run_draw_box(...)` draws one box.
 * `run_open_task(...)`: opens a task in headless Chromium (tests/e2e/browser/open_task.js) and returns
   what the labeling panel shows.
 * `served_model`: the model the stack serves: models/demo, or a tiny random stand-in while models/demo
@@ -73,36 +74,37 @@ def ensure_node_modules() -> None:
     )
 
 
-class DrawBoxFailed(AssertionError):
-    """draw_box.js did not finish its steps; the message has its report and stderr."""
+class BrowserStepFailed(AssertionError):
+    """A browser script did not finish its steps; the message has its report and stderr."""
 
 
-def run_draw_box(
+def run_annotate(
     label_studio: LabelStudio,
     project: int,
     task: int,
-    box: Sequence[float],
+    steps: Sequence[dict],
     screenshot: Path,
     *,
     label: str | None = None,
     submit: bool = False,
-    timeout_s: float = 180.0,
+    timeout_s: float = 240.0,
 ) -> dict:
-    """Open `task` in the labeling UI, draw `box` (x1, y1, x2, y2 in 0..1 of the canvas) with Auto-Annotation on.
+    """Open `task` in the labeling UI with Auto-Annotation and Auto-Accept on and play `steps` as an
+    annotator does (tests/e2e/browser/annotate.js: draw a box, type into a box's field and press Enter).
 
-    Returns draw_box.js's report: "status" and "body" of LS's /interactive-annotating reply, "texts" shown
-    in the new region's per-region text field, "label", "regions_before"/"regions_after", and with
-    `submit` "submit_status" and "annotation_id". Raises DrawBoxFailed when a step failed.
+    Returns annotate.js's report: per step the interactive call it made ("status", "body": LS's reply,
+    "ms"), the "regions" with their per-region texts, the task-level "task_texts", the "page_text", and
+    with `submit` "submit_status" and "annotation_id". Raises BrowserStepFailed when a step failed.
     """
     ensure_node_modules()
     argv = [
         "node",
-        str(BROWSER_DIR / "draw_box.js"),
+        str(BROWSER_DIR / "annotate.js"),
         "--url", label_studio.url,
         "--email", label_studio.email,
         "--project", str(project),
         "--task", str(task),
-        "--box", ",".join(f"{value:.4f}" for value in box),
+        "--steps", json.dumps(list(steps)),
         "--screenshot", str(screenshot),
         "--timeout-ms", str(int(timeout_s * 1000 / 2)),
     ]  # fmt: skip
@@ -111,6 +113,46 @@ def run_draw_box(
     if submit:
         argv.append("--submit")
     return _run_browser_script(label_studio, argv, timeout_s)
+
+
+def run_start_training(
+    label_studio: LabelStudio, project: int, backend_url: str, screenshot: Path, *, timeout_s: float = 180.0
+) -> dict:
+    """Click Start Training on the project's model card (tests/e2e/browser/start_training.js) and open the
+    backend's training status page; returns the script's report ("dialog", "status_page")."""
+    ensure_node_modules()
+    argv = [
+        "node",
+        str(BROWSER_DIR / "start_training.js"),
+        "--url", label_studio.url,
+        "--email", label_studio.email,
+        "--project", str(project),
+        "--task", "0",
+        "--status-url", f"{backend_url}/training/{project}",
+        "--screenshot", str(screenshot),
+        "--timeout-ms", str(int(timeout_s * 1000 / 2)),
+    ]  # fmt: skip
+    return _run_browser_script(label_studio, argv, timeout_s)
+
+
+def run_draw_box(
+    label_studio: LabelStudio, project: int, task: int, box: Sequence[float], screenshot: Path, **options
+) -> dict:
+    """One box drawn (x1, y1, x2, y2 in 0..1 of the canvas): run_annotate's report plus, for that box,
+    "status" and "body" of its interactive call, "texts" of the new region, "regions_before"/"regions_after"."""
+    report = run_annotate(
+        label_studio, project, task, [{"draw": [round(v, 4) for v in box]}], screenshot, **options
+    )
+    call = report["steps"][0]["call"] or {}
+    regions = report["regions"]
+    newest = max(regions, key=lambda region: region["index"]) if regions else {"texts": []}
+    return {
+        **report,
+        **call,
+        "texts": newest["texts"],
+        "regions_after": len(regions),
+        "regions_before": report["regions_before"],
+    }
 
 
 @pytest.fixture
@@ -129,7 +171,7 @@ def run_open_task(
     """Open `task` in the labeling UI and select its first region.
 
     Returns open_task.js's report: "regions" (how many the outliner lists), "texts" (the non-empty text
-    fields) and "page_text" (the page's visible text). Raises DrawBoxFailed when a step failed.
+    fields) and "page_text" (the page's visible text). Raises BrowserStepFailed when a step failed.
     """
     ensure_node_modules()
     argv = [
@@ -155,11 +197,11 @@ def _run_browser_script(label_studio: LabelStudio, argv: list[str], timeout_s: f
     try:
         report = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError) as error:
-        raise DrawBoxFailed(
+        raise BrowserStepFailed(
             f"{script} exited with {completed.returncode} without a report:\n{completed.stdout}\n{completed.stderr}"
         ) from error
     if completed.returncode != 0 or not report.get("ok"):
-        raise DrawBoxFailed(f"{script} failed: {json.dumps(report)}\nstderr:\n{completed.stderr[-3000:]}")
+        raise BrowserStepFailed(f"{script} failed: {json.dumps(report)}\nstderr:\n{completed.stderr[-3000:]}")
     return report
 
 

@@ -324,7 +324,7 @@ def test_drawing_a_box_in_the_browser_shows_the_true_caption(
 ) -> None:
     # Tasks without boxes yet: a drag that starts on an existing box would move that box instead of drawing.
     # Wide images: the canvas is as wide as the panel, and only an image that fills that width (instead of
-    # being limited by the panel's height) covers the whole canvas, where draw_box.js's fractions apply.
+    # being limited by the panel's height) covers the whole canvas, where annotate.js's fractions apply.
     records = world_records(caption_world)
     wide = [t for t in world_tasks(caption_world) if _aspect(records[t["data"]["record_id"]]) >= 1.3]
     unboxed = [{"data": task["data"]} for task in wide[:2]]

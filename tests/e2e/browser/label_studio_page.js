@@ -1,4 +1,4 @@
-// What draw_box.js and open_task.js share: the common command-line options, the headless Chromium
+// What annotate.js and open_task.js share: the common command-line options, the headless Chromium
 // session that lets no request leave the machine, the log-in, and the one-JSON-line report.
 
 'use strict';

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Opens one task in the Label Studio UI, as an annotator does, and reports what the labeling panel shows:
 // the regions in the outliner and the text of every text field. Drives Debian's Chromium through
-// playwright-core (no browser download), like draw_box.js.
+// playwright-core (no browser download), like annotate.js.
 //
 //   node open_task.js --url http://127.0.0.1:8080 --email admin@example.com --project 1 --task 2 \
 //        --screenshot /tmp/shot.png                                  (password from LS_PASSWORD)
