@@ -141,6 +141,12 @@ class LabelStudioClient:
         """{model_version: number of predictions} over the project's predictions."""
         return self._http("model versions", "GET", f"api/projects/{project}/model-versions").json()
 
+    def live_model_versions(self, project: int) -> JSON:
+        """The model versions Label Studio offers in Settings > Annotation, with each ML backend's live state
+        (e.g. "roi-backend (Training)" right after Start Training); read without refreshing the state."""
+        params = {"extended": "true", "include_live_models": "true"}
+        return self._http("model versions", "GET", f"api/projects/{project}/model-versions", params=params).json()
+
     # Tasks, storage, predictions, annotations
 
     def import_tasks(self, project: int, tasks: Sequence[JSON]) -> list[int]:

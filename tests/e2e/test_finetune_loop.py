@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+import requests
 from rq.job import Job
 
 from backend.ls_client import JSON, LabelStudioClient
@@ -30,7 +31,7 @@ from devstack.provision import (
 )
 from devstack.stack import LogLines, Stack
 from roi_model.synthetic import format_caption
-from tests.e2e.conftest import DEMO_MODEL, wait_until
+from tests.e2e.conftest import DEMO_MODEL, run_annotate, run_start_training, wait_until
 from worker.registry import ModelRegistry
 
 CONFIG = (Path(__file__).resolve().parents[2] / "labeling_configs" / "region_captioning.xml").read_text()
@@ -83,6 +84,12 @@ def annotate_like_a_reviewer(
         client.create_annotation(task["id"], result, parent_prediction=prediction["id"])
 
 
+def training_stage(stack: Stack, project: int) -> str | None:
+    """The stage the project's fine-tune reports in its job meta (exporting, training, evaluating, done)."""
+    status = requests.get(f"{stack.backend_url}/training/{project}", timeout=10).json()
+    return (status.get("progress") or {}).get("stage")
+
+
 def finished_training(stack: Stack, project: int, previous_end: str | None) -> Job | None:
     """The project's fine-tuning job once it has ended (after `previous_end`, its earlier run's end)."""
     with stack.redis() as connection:
@@ -108,7 +115,9 @@ def loop(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.timeout(2400)
-def test_corrections_teach_the_model_and_a_broken_fine_tune_is_rejected(loop, label_studio: LabelStudio):
+def test_corrections_teach_the_model_and_a_broken_fine_tune_is_rejected(
+    loop, label_studio: LabelStudio, tmp_path: Path
+):
     stack, registry, first_version = loop
     client = stack.client()
     files_root = Path(label_studio.files_root)
@@ -125,12 +134,34 @@ def test_corrections_teach_the_model_and_a_broken_fine_tune_is_rejected(loop, la
 
     # The served model proposes; the reviewer accepts or corrects every caption of the teaching batch.
     teach_tasks = prelabel(client, teach.project, first_version)
+    measure_tasks = client.get_tasks(measure.project)
     annotate_like_a_reviewer(client, teach_tasks, teach_records, first_version)
     before = acceptance(prelabel(client, measure.project, first_version), measure_records, first_version)
     assert before["new"][1] >= 20, "the measuring batch needs enough purple objects to measure"
     assert before["new"][0] < 0.40
 
-    client.start_training(teach.ml_backend)
+    # Start Training as a user does, in the project's model settings.
+    report = run_start_training(label_studio, teach.project, stack.backend_url, tmp_path / "train.png")
+    assert "Request Sent!" in report["dialog"]
+    assert json.loads(report["status_page"])["status"] in ("queued", "started"), report
+    live = json.dumps(client.live_model_versions(teach.project))
+    assert "Training" in live, live  # Label Studio shows the backend as Training until its next refresh
+
+    # While the fine-tune runs, an annotator keeps drawing: the box is answered at once.
+    wait_until(
+        lambda: training_stage(stack, teach.project) == "training", TRAINING_TIMEOUT_S, "training under way"
+    )
+    record = measure_records[measure_tasks[0]["data"]["record_id"]]
+    box = [record["regions"][0][0] / record["width"], record["regions"][0][1] / record["height"],
+           record["regions"][0][2] / record["width"], record["regions"][0][3] / record["height"]]  # fmt: skip
+    drawn = run_annotate(
+        label_studio, measure.project, measure_tasks[0]["id"], [{"draw": box}], tmp_path / "d.png"
+    )
+    call = drawn["steps"][0]["call"]
+    assert call["status"] == 200 and call["ms"] < 2000, call
+    assert any(item["type"] == "textarea" for item in call["body"]["data"]["result"]), call
+    assert training_stage(stack, teach.project) == "training", "the box was not drawn during the fine-tune"
+
     job = wait_until(lambda: finished_training(stack, teach.project, None), TRAINING_TIMEOUT_S, "fine-tuning")
     run = job.return_value()
     assert job.is_finished, job.latest_result().exc_string
@@ -138,6 +169,12 @@ def test_corrections_teach_the_model_and_a_broken_fine_tune_is_rejected(loop, la
     second_version = registry.current()
     assert second_version == run["promoted"] != first_version
     assert registry.card(second_version)["parent"] == first_version
+    # Label Studio learns the new version at its next /setup (opening the model settings, here the API).
+    assert wait_until(
+        lambda: client.sdk.ml.get(teach.ml_backend).model_version == second_version,
+        60,
+        "the new version in LS",
+    )
 
     after = acceptance(prelabel(client, measure.project, second_version), measure_records, second_version)
     figures = {

@@ -95,7 +95,8 @@ async function annotate(opts, page, report) {
   report.regions_before = (await readRegions(page)).length;
   for (const step of opts.steps) {
     const before = JSON.stringify(await readRegions(page));
-    const stepStarted = Date.now();
+    // A call's time runs from the annotator's last action (mouse-up, Enter) to the reply.
+    let stepStarted = Date.now();
     let call;
     if (step.draw) {
       await labelChip.click();
@@ -105,6 +106,7 @@ async function annotate(opts, page, report) {
       await page.mouse.move(canvas.x + x1 * canvas.width, canvas.y + y1 * canvas.height);
       await page.mouse.down();
       await page.mouse.move(canvas.x + x2 * canvas.width, canvas.y + y2 * canvas.height, { steps: 12 });
+      stepStarted = Date.now();
       await page.mouse.up();
       call = await pending;
     } else if (step.type) {
@@ -114,6 +116,7 @@ async function annotate(opts, page, report) {
       await field.click();
       await field.fill(step.type);
       const pending = nextCall(page, Math.min(opts.timeout, 120000));
+      stepStarted = Date.now();
       await field.press('Enter');
       call = await pending;
     } else {
