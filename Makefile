@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[model,dev]"
 	touch $(STAMP)
 
-demo: venv
-	$(PY) -m devstack.demo
+# The ready line counts from here, install included: what the user waits for.
+demo:
+	@mkdir -p .cache && date +%s > .cache/demo-began-at
+	@$(MAKE) --no-print-directory venv
+	$(PY) -m devstack.demo --began-at $$(cat .cache/demo-began-at)
 
 demo-model: venv
 	$(PY) -m roi_model.cli demo-model --out models/demo

@@ -40,7 +40,7 @@ from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
 from backend.heartbeats import INTERVAL_S, beat, forget, prune
-from backend.queues import QUEUES, SERIALIZER, TRAIN
+from backend.queues import QUEUES, SERIALIZER, SOCKET_TIMEOUT_S, TRAIN
 from worker.failures import is_transient
 from worker.model_host import ModelHost
 
@@ -120,7 +120,10 @@ class RegionWorker(SimpleWorker):
 
     @property
     def dequeue_timeout(self) -> int:
-        return max(1, min(super().dequeue_timeout, int(self.maintenance_interval)))
+        # A blocking pop longer than the client's socket timeout fails with a read timeout, which RQ logs as
+        # an ERROR and retries: an idle worker must block for less than backend.queues.SOCKET_TIMEOUT_S.
+        ceiling = int(SOCKET_TIMEOUT_S - 5)
+        return max(1, min(super().dequeue_timeout, int(self.maintenance_interval), ceiling))
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lease_s  # the pulse renews it; see the module docstring

@@ -23,7 +23,7 @@ from tests.e2e.conftest import ServedModel
 REPO_ROOT = Path(__file__).resolve().parents[2]
 USUAL_PORTS = (8080, 9090)
 _BANNER = {
-    "seconds": re.compile(r"^The demo is ready \((\d+) s\)"),
+    "seconds": re.compile(r"^The demo is ready \((\d+) s"),
     "label_studio": re.compile(r"^  Label Studio +(http://127\.0\.0\.1:\d+)/projects/(\d+)/data$"),
     "login": re.compile(r"^  Log in as +(\S+) / (\S+)$"),
     "backend": re.compile(r"^  ML backend +(http://127\.0\.0\.1:\d+) "),

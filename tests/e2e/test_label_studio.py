@@ -48,6 +48,16 @@ def box_and_caption(
 
 
 @pytest.fixture(scope="module")
+def refusing_label_studio(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
+    """A Label Studio of its own for the tests that provoke its errors (it logs them at ERROR): the session's
+    one must end the suite with a clean log (tests/e2e/test_zz_healthy_logs.py)."""
+    root = tmp_path_factory.mktemp("refusing-label-studio")
+    copy_data_template(label_studio.venv, root / "data")
+    with LabelStudio(root / "data", root / "files", venv=label_studio.venv) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def image_folder(label_studio: LabelStudio) -> Path:
     folder = label_studio.files_root / "images"
     folder.mkdir(exist_ok=True)
@@ -70,7 +80,8 @@ def test_every_labeling_config_passes_label_studios_validation(ls_client: LabelS
     assert {name: errors for name, errors in problems.items() if errors} == {}
 
 
-def test_a_broken_config_is_reported_with_label_studios_message(ls_client: LabelStudioClient) -> None:
+def test_a_broken_config_is_reported_with_label_studios_message(refusing_label_studio: LabelStudio) -> None:
+    ls_client = LabelStudioClient(refusing_label_studio.url, refusing_label_studio.token)
     wrong_target = '<View><Image name="image" value="$image"/><TextArea name="caption" toName="img"/></View>'
     assert ls_client.validate_config(wrong_target) == [
         "toName=\"img\" not found in names: ['caption', 'image']"
@@ -82,9 +93,9 @@ def test_a_broken_config_is_reported_with_label_studios_message(ls_client: Label
     assert 'toName="img" not found' in refused.value.message
 
 
-def test_errors_carry_the_status_code_and_label_studios_message(
-    label_studio: LabelStudio, ls_client: LabelStudioClient
-) -> None:
+def test_errors_carry_the_status_code_and_label_studios_message(refusing_label_studio: LabelStudio) -> None:
+    label_studio = refusing_label_studio
+    ls_client = LabelStudioClient(label_studio.url, label_studio.token)
     with pytest.raises(LabelStudioError, match="HTTP 404: No Project matches the given query") as missing:
         ls_client.get_project(999_999)
     assert missing.value.status_code == 404
@@ -205,7 +216,7 @@ def test_credentials_that_clash_with_the_data_dir_are_refused(label_studio: Labe
 
 
 def test_draw_box_refuses_a_box_that_is_not_fractions(draw_box, tmp_path: Path) -> None:
-    with pytest.raises(AssertionError, match="--box must be x1,y1,x2,y2 fractions"):
+    with pytest.raises(AssertionError, match="a draw step needs x1,y1,x2,y2 fractions"):
         draw_box(1, 1, (0.6, 0.2, 0.4, 0.5), tmp_path / "shot.png")
 
 
