@@ -145,7 +145,9 @@ class LabelStudioClient:
         """The model versions Label Studio offers in Settings > Annotation, with each ML backend's live state
         (e.g. "roi-backend (Training)" right after Start Training); read without refreshing the state."""
         params = {"extended": "true", "include_live_models": "true"}
-        return self._http("model versions", "GET", f"api/projects/{project}/model-versions", params=params).json()
+        return self._http(
+            "model versions", "GET", f"api/projects/{project}/model-versions", params=params
+        ).json()
 
     # Tasks, storage, predictions, annotations
 

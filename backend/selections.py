@@ -22,7 +22,6 @@ selection: no chunk is enqueued twice.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -70,7 +69,8 @@ def start_selection(
     queue = get_queue(PRELABEL, connection)
     policy = spec(PRELABEL)
     with connection.pipeline() as pipe:
-        if len(fresh) == len(chunks):  # nothing of it runs: a new selection, or one asked again after it ended
+        # Nothing of it runs: a new selection, or one asked again after it ended.
+        if len(fresh) == len(chunks):
             pipe.delete(key, f"{key}:failures", f"{key}:ended")
             pipe.hset(
                 key,
@@ -141,7 +141,9 @@ def cancel_selection(connection: redis.Redis, selection: str) -> dict[str, Any]:
         raise KeyError(selection)
     connection.hset(key, "cancelled", 1)
     chunks = int(connection.hget(key, "chunks") or 0)
-    jobs = Job.fetch_many([chunk_job_id(selection, i) for i in range(chunks)], connection, serializer=SERIALIZER)
+    jobs = Job.fetch_many(
+        [chunk_job_id(selection, i) for i in range(chunks)], connection, serializer=SERIALIZER
+    )
     for job in jobs:
         if job is not None and job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.DEFERRED):
             job.cancel()
@@ -178,7 +180,3 @@ def selection_status(connection: redis.Redis, selection: str) -> dict[str, Any]:
         "failures": {k.decode(): int(v) for k, v in failures.items()},
         "created_at": float(fields["created_at"]),
     }
-
-
-def as_json(status: dict[str, Any]) -> str:
-    return json.dumps(status, sort_keys=True)

@@ -14,6 +14,7 @@ export) is one more function here, enqueued under its dotted name.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from backend.labeling import LabelingScheme, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.predictions import prediction_from_answers
 from backend.regions import Region, task_regions
+from backend.selections import chunk_ended, is_cancelled
 from backend.settings import Settings
 from roi_contract.describe import Answer, DescribeRequest, DescribeResult
 from roi_contract.project import ProjectSettings, Prompts
@@ -39,10 +41,12 @@ from worker.job_progress import JobProgress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["describe_regions", "finetune", "prelabel_tasks"]
+__all__ = ["describe_regions", "finetune", "prelabel_chunk", "prelabel_tasks"]
 
 # An annotator drawing box after box on one image starts a describe job per box: fetch the image once.
 # (prelabel_tasks reads each task's image once, so it does not use it.)
+# What makes two failures' reasons differ although they are of one kind: URLs, paths, numbers.
+_SPECIFICS = re.compile(r"\S+://\S+|/data/\S+|\d+")
 # A question's length in the model's tokens: far above any real question, far below what fills a GPU.
 MAX_QUESTION_TOKENS = 512
 
@@ -146,7 +150,11 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
         task = tasks.get(task_id)
         if task is None:
             summary["failed"].append(
-                {"task": task_id, "reason": f"project {project_id} has no task {task_id}"}
+                {
+                    "task": task_id,
+                    "reason": f"project {project_id} has no task {task_id}",
+                    "kind": "no such task",
+                }
             )
         elif any(p.get("model_version") == version for p in task.get("predictions") or []):
             summary["skipped_existing"] += 1
@@ -154,7 +162,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
             try:
                 plan = _plan(task, scheme, prompts, settings, engine.processor.tokenizer)
             except (ValueError, ImageRejected) as error:  # ImageRejected includes ImageUnavailable
-                summary["failed"].append({"task": task_id, "reason": str(error)})
+                summary["failed"].append(_failure(task_id, error))
             else:
                 if plan is None:
                     summary["skipped_no_regions"] += 1
@@ -173,12 +181,34 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
         except (ValueError, LabelStudioError) as error:
             if is_transient(error):
                 raise  # Label Studio is unreachable or failing: retry; the predictions made so far are kept
-            summary["failed"].append({"task": plan.task_id, "reason": str(error)})
+            summary["failed"].append(_failure(plan.task_id, error))
         else:
             summary["predicted"] += 1
         progress.report("writing predictions", done=done, total=len(planned))
     log.info("prelabel project=%s %s", project_id, summary)
     return summary
+
+
+def prelabel_chunk(
+    project_id: int, selection: str, chunk: int, task_ids: list[int], project_settings: dict | None = None
+) -> dict:
+    """One chunk of a selection (backend/selections.py): prelabel_tasks on its tasks, then its outcome added
+    to the selection's counters once. A chunk of a cancelled selection does nothing."""
+    connection = process_context.current().connection
+    if connection is not None and is_cancelled(connection, selection):
+        chunk_ended(connection, selection, chunk, done=0, failures=[])
+        return {"cancelled": True}
+    summary = prelabel_tasks(project_id, task_ids, project_settings)
+    if connection is not None:
+        done = summary["predicted"] + summary["skipped_existing"] + summary["skipped_no_regions"]
+        chunk_ended(connection, selection, chunk, done=done, failures=[f["kind"] for f in summary["failed"]])
+    return summary
+
+
+def _failure(task_id: int, error: Exception) -> dict:
+    """A task that could not be predicted: the whole reason, and its kind (what a selection counts by)."""
+    kind = error.problem if isinstance(error, ImageRejected) else str(error)
+    return {"task": task_id, "reason": str(error), "kind": _SPECIFICS.sub("…", kind)[:200]}
 
 
 def _plan(

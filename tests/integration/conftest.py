@@ -169,9 +169,11 @@ class WorkerLauncher:
             self.wait_ready(name, child)
         return child
 
-    def many(self, *names: str, flags: Sequence[str] = ()) -> dict[str, ManagedProcess]:
+    def many(
+        self, *names: str, flags: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> dict[str, ManagedProcess]:
         """Start several workers at once and wait until all are ready."""
-        children = {name: self(name, *flags, ready=False) for name in names}
+        children = {name: self(name, *flags, env=env, ready=False) for name in names}
         for name, child in children.items():
             self.wait_ready(name, child)
         return children
