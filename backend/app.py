@@ -3,9 +3,10 @@
 `create_app()` is the Flask application factory; production runs it under gunicorn
 (``gunicorn 'backend.app:create_app()'``), development through `main()` (the ``roi-backend`` script).
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /training/<project>. Every reply is JSON, errors
-included: 400 names the problem with the request, 401 asks for basic auth, 503 says what is unreachable,
-and anything unexpected is logged and answered with a 500 that carries no traceback.
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /training/<project>,
+GET and DELETE /prelabel/<project>. Every reply is JSON, errors included: 400 names the problem with the
+request, 401 asks for basic auth, 404 names what does not exist, 503 says what is unreachable, and anything
+unexpected is logged and answered with a 500 that carries no traceback.
 
 Two Redis clients: `fast` (short socket timeouts, no retries) for the calls Label Studio gives 1-3 s (health,
 setup, versions, webhook) and for reading project state, so a Redis outage is reported at once; and the
@@ -19,14 +20,15 @@ import argparse
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, NotFound
 
-from backend import heartbeats, project_state, registry_snapshot, webhooks
+from backend import heartbeats, project_state, registry_snapshot, selections, webhooks
 from backend.labeling import UnsupportedConfig, scheme_from_config
 from backend.ls_client import LabelStudioClient
 from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
@@ -68,6 +70,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         connect(settings),
         timeout_s=settings.predict_timeout_s,
         inline_tasks=settings.inline_predict_tasks,
+        chunk_tasks=settings.prelabel_chunk_tasks,
         max_new_tokens=settings.max_new_tokens,
         describe_job=job_names.describe,
         prelabel_job=job_names.prelabel,
@@ -149,6 +152,18 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         """The project's fine-tune: status, progress, and the gate's decision (README: "Start Training")."""
         return training_status(fast, project_id)
 
+    @app.get("/prelabel/<int:project_id>")
+    def prelabel_progress(project_id: int) -> dict[str, Any]:
+        """The project's latest bulk pre-label: done / failed / total, failures by reason, its state."""
+        return _on_latest_selection(fast, project_id, selections.selection_status)
+
+    @app.delete("/prelabel/<int:project_id>")
+    def cancel_prelabel(project_id: int) -> dict[str, Any]:
+        """Cancel the project's latest bulk pre-label: queued chunks never run, a running chunk finishes."""
+        status = _on_latest_selection(fast, project_id, selections.cancel_selection)
+        log.warning("project %s: bulk pre-label %s cancelled", project_id, status["selection"])
+        return status
+
     @app.get("/versions")
     def versions() -> dict[str, Any]:
         snapshot = registry_snapshot.read(fast)
@@ -160,6 +175,20 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         }
 
     return app
+
+
+def _on_latest_selection(
+    connection: redis.Redis, project_id: int, action: Callable[[redis.Redis, str], dict[str, Any]]
+) -> dict[str, Any]:
+    selection = selections.latest_selection(connection, project_id)
+    try:
+        if selection is not None:
+            return action(connection, selection)
+    except KeyError:  # its record expired
+        pass
+    raise NotFound(
+        f"project {project_id} has no bulk pre-label in the last {selections.KEPT_S // 86400} days"
+    )
 
 
 def served_version(connection: redis.Redis, workers: list[dict]) -> str | None:

@@ -7,8 +7,9 @@ Two kinds of call arrive (reference/label-studio.md §2.3, §2.4):
   and reply with the boxes echoed plus the answer items sharing their ids.
 * batch ("Retrieve predictions", auto-predict when a task opens): describe the regions each task already
   has. Up to `inline_tasks` tasks with regions are answered inline (one describe job each, waited for
-  together); a larger selection is answered with the results that are ready and handed to one
-  `prelabel_tasks` job, which writes the rest back through the Label Studio API.
+  together); a larger selection is answered with the results that are ready, and the rest becomes a
+  selection of chunks on the prelabel queue (backend/selections.py) that write back through Label Studio's
+  API, with progress at GET /prelabel/<project>.
 
 Describe jobs get a deterministic id (a digest of the job payload), so identical requests share one job:
 opening a task fires two identical /predict calls, and a result stays reusable for the queue's result_ttl.
@@ -46,9 +47,10 @@ from backend.interactive import plan_interactive
 from backend.labeling import LabelingScheme
 from backend.predictions import failure_prediction, prediction_from_answers
 from backend.project_state import parse_project_id
-from backend.queues import INTERACTIVE, PRELABEL, JobFailed, JobTimeout, wait_for_result
+from backend.queues import INTERACTIVE, JobFailed, JobTimeout, wait_for_result
 from backend.regions import Region, task_regions
-from backend.submit import finished_return_value, submit_once
+from backend.selections import start_selection
+from backend.submit import finished_return_values, submit_once
 from roi_contract.describe import DescribeRequest, DescribeResult
 from roi_contract.project import ProjectSettings, Prompts
 from roi_contract.validation import ContractError, parse
@@ -56,7 +58,7 @@ from roi_contract.validation import ContractError, parse
 log = logging.getLogger(__name__)
 
 DESCRIBE_JOB = "worker.jobs.describe_regions"
-PRELABEL_JOB = "worker.jobs.prelabel_tasks"
+PRELABEL_JOB = "worker.jobs.prelabel_chunk"
 
 
 @dataclass(frozen=True)
@@ -166,11 +168,6 @@ def describe_job_id(request: DescribeRequest) -> str:
     return "describe-" + hashlib.sha256(canonical.encode()).hexdigest()[:40]
 
 
-def prelabel_job_id(project_id: int, task_ids: Sequence[Any]) -> str:
-    digest = hashlib.sha256(",".join(sorted(str(task_id) for task_id in task_ids)).encode()).hexdigest()
-    return f"prelabel-{project_id}-{digest[:24]}"
-
-
 class Predictor:
     """Runs the plans against the queues; one per app, shared by its threads."""
 
@@ -180,6 +177,7 @@ class Predictor:
         *,
         timeout_s: float,
         inline_tasks: int,
+        chunk_tasks: int,
         max_new_tokens: int,
         describe_job: str = DESCRIBE_JOB,
         prelabel_job: str = PRELABEL_JOB,
@@ -187,6 +185,7 @@ class Predictor:
         self.connection = connection
         self.timeout_s = timeout_s
         self.inline_tasks = inline_tasks
+        self.chunk_tasks = chunk_tasks
         self.max_new_tokens = max_new_tokens
         self.describe_job = describe_job
         self.prelabel_job = prelabel_job
@@ -248,36 +247,38 @@ class Predictor:
     def _answer_ready_or_hand_over(
         self, call: PredictRequest, plans: Sequence[TaskPlan], scheme: LabelingScheme, params: ProjectSettings
     ) -> None:
-        """Answer the tasks whose describe job already finished; one prelabel job writes back the rest."""
+        """Answer the tasks whose describe job already finished; the rest become a selection, chunks on
+        the prelabel queue that write their predictions back (backend/selections.py)."""
         pending = []
-        for plan in plans:
-            ready, answer = finished_return_value(self.connection, describe_job_id(plan.request))
-            if ready:
-                plan.outcome = self._prediction(plan, answer, scheme)
-            else:
-                pending.append(plan)
+        for start in range(0, len(plans), self.chunk_tasks):
+            page = plans[start : start + self.chunk_tasks]
+            values = finished_return_values(self.connection, [describe_job_id(p.request) for p in page])
+            for plan, (ready, answer) in zip(page, values, strict=True):
+                if ready:
+                    plan.outcome = self._prediction(plan, answer, scheme)
+                else:
+                    pending.append(plan)
         if not pending:
             return
-        task_ids = [plan.task_id for plan in pending]
-        job, created = submit_once(
+        status = start_selection(
             self.connection,
-            PRELABEL,
-            self.prelabel_job,
-            job_id=prelabel_job_id(call.project_id, task_ids),
-            reuse_finished=False,
-            project_id=call.project_id,
-            task_ids=task_ids,
+            call.project_id,
+            [plan.task_id for plan in pending],
+            chunk_tasks=self.chunk_tasks,
+            job_name=self.prelabel_job,
             project_settings=params.model_dump(mode="json", exclude_defaults=True) or None,
         )
         log.info(
-            "project %s: %d tasks handed to prelabel job %s (%s)",
+            "project %s: %d tasks handed to the prelabel queue as selection %s (%d chunks; progress: GET "
+            "/prelabel/%s)",
             call.project_id,
             len(pending),
-            job.id,
-            "new" if created else "already queued",
+            status["selection"],
+            status["chunks"],
+            call.project_id,
         )
         for plan in pending:
-            plan.outcome = {"status": "queued", "job_id": job.id}
+            plan.outcome = {"status": "queued", "selection": status["selection"]}
 
     def _submit_describe(self, plan: TaskPlan) -> tuple[Job, bool]:
         request = plan.request

@@ -14,6 +14,8 @@ Redis keys, for a selection id ``sel-<project>-<digest of its task ids>``:
 * ``roi:selection:<id>:failures``: hash: reason -> number of tasks.
 * ``roi:selection:<id>:ended``: set of the chunks that have ended (each is counted once, retries or not).
 * ``roi:project:<id>:selection``: the project's latest selection.
+* ``roi:prediction:<project>:<task>:<version>``: the chunk that writes that task's prediction (see
+  `claim_prediction`).
 
 The same selection asked for again while it runs (Label Studio repeats a call that timed out) is the same
 selection: no chunk is enqueued twice.
@@ -130,12 +132,37 @@ def chunk_ended(
     return True
 
 
+def claim_prediction(
+    connection: redis.Redis, project_id: int, task_id: int, model_version: str, owner: str
+) -> bool:
+    """True when `owner` (a chunk's job id) may write the task's prediction of `model_version`: no other
+    job has, so two selections that overlap (Retrieve predictions clicked twice) never write a task twice.
+    A retry of the same chunk keeps its claim."""
+    key = f"roi:prediction:{project_id}:{task_id}:{model_version}"
+    if connection.set(key, owner, nx=True, ex=KEPT_S):
+        return True
+    return connection.get(key) == owner.encode()
+
+
+def release_prediction(
+    connection: redis.Redis, project_id: int, task_id: int, model_version: str, owner: str
+) -> None:
+    """Give up `owner`'s claim (its write failed for good), so a later selection may try the task again."""
+    key = f"roi:prediction:{project_id}:{task_id}:{model_version}"
+    with connection.pipeline() as pipe:
+        pipe.watch(key)
+        if pipe.get(key) == owner.encode():
+            pipe.multi()
+            pipe.delete(key)
+            pipe.execute()
+
+
 def is_cancelled(connection: redis.Redis, selection: str) -> bool:
     return connection.hget(PREFIX + selection, "cancelled") == b"1"
 
 
 def cancel_selection(connection: redis.Redis, selection: str) -> dict[str, Any]:
-    """Stop the selection: its queued chunks are cancelled, a running one stops at its next task."""
+    """Stop the selection: its queued chunks are cancelled and never run; a running chunk finishes."""
     key = PREFIX + selection
     if not connection.exists(key):
         raise KeyError(selection)

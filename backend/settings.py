@@ -40,9 +40,12 @@ class Settings:
     predict_timeout_s: float = 20.0
     # Batch /predict answers up to this many tasks inline; larger selections go to the prelabel queue.
     inline_predict_tasks: int = 8
+    # A larger selection becomes chunks of this many tasks, each a job on the prelabel queue.
+    prelabel_chunk_tasks: int = 16
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    # Largest request body the backend reads (Label Studio sends whole task lists to /predict).
-    max_request_bytes: int = 32 * 1024 * 1024
+    # Largest request body the backend reads: Label Studio sends a whole selection's tasks to /predict
+    # (about 1-2 KiB a task with its boxes, so 100,000 tasks fit).
+    max_request_bytes: int = 256 * 1024 * 1024
     # Image fetching (backend/images.py: the worker and the export share it)
     image_allowed_hosts: tuple[str, ...] = ()
     local_files_root: Path | None = None
@@ -52,6 +55,8 @@ class Settings:
     # Fine-tuning triggers: every N new curated annotations (0 = off), and a cron schedule ("" = off).
     train_every_annotations: int = 0
     train_schedule: str = ""
+    # Devices one fine-tune trains on: more than 1 runs `roi-model train` data-parallel under torchrun.
+    train_devices: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -72,6 +77,12 @@ class Settings:
                 raise SettingsError(f"{name}={text!r} must not be negative")
             return value
 
+        def positive(name: str, default: int) -> int:
+            value = number(name, int, default)
+            if value < 1:
+                raise SettingsError(f"{name}={get(name)!r} must be at least 1")
+            return value
+
         root = get("ROI_LOCAL_FILES_ROOT")
         return cls(
             label_studio_url=(
@@ -85,6 +96,7 @@ class Settings:
             log_level=get("LOG_LEVEL", cls.log_level).upper(),
             predict_timeout_s=number("ROI_PREDICT_TIMEOUT", float, cls.predict_timeout_s),
             inline_predict_tasks=number("ROI_INLINE_PREDICT_TASKS", int, cls.inline_predict_tasks),
+            prelabel_chunk_tasks=positive("ROI_PRELABEL_CHUNK_TASKS", cls.prelabel_chunk_tasks),
             max_new_tokens=number("ROI_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             max_request_bytes=number("ROI_MAX_REQUEST_BYTES", int, cls.max_request_bytes),
             image_allowed_hosts=_split(get("ROI_IMAGE_ALLOWED_HOSTS")),
@@ -94,4 +106,5 @@ class Settings:
             image_timeout_s=number("ROI_IMAGE_TIMEOUT", float, cls.image_timeout_s),
             train_every_annotations=number("ROI_TRAIN_EVERY", int, cls.train_every_annotations),
             train_schedule=get("ROI_TRAIN_SCHEDULE"),
+            train_devices=positive("ROI_TRAIN_DEVICES", cls.train_devices),
         )

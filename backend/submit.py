@@ -11,6 +11,7 @@ deleted (hash and result stream) and the job is enqueued afresh.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -74,13 +75,15 @@ def submit_once(
     raise RuntimeError(f"could not enqueue job {job_id}: it kept being replaced concurrently")
 
 
-def finished_return_value(connection: redis.Redis, job_id: str) -> tuple[bool, Any]:
-    """(True, return value) when the job `job_id` finished successfully and its result is still kept."""
-    try:
-        job = Job.fetch(job_id, connection=connection, serializer=SERIALIZER)
-    except NoSuchJobError:
-        return False, None
-    if job.get_status(refresh=False) != JobStatus.FINISHED:
+def finished_return_values(connection: redis.Redis, job_ids: Sequence[str]) -> list[tuple[bool, Any]]:
+    """Per job id: (True, return value) when that job finished successfully and its result is still kept.
+    One round trip for all the ids, plus one per finished job (its result)."""
+    jobs = Job.fetch_many(list(job_ids), connection=connection, serializer=SERIALIZER)
+    return [_success_value(job) for job in jobs]
+
+
+def _success_value(job: Job | None) -> tuple[bool, Any]:
+    if job is None or job.get_status(refresh=False) != JobStatus.FINISHED:
         return False, None
     result = job.latest_result()
     if result is None or result.type != Result.Type.SUCCESSFUL:

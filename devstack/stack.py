@@ -116,6 +116,10 @@ class Stack:
     def backend_url(self) -> str:
         return f"http://127.0.0.1:{self.backend_port}"
 
+    def pid(self, name: str) -> int:
+        """The process id of one of the stack's processes ("redis", "backend", or a worker's name)."""
+        return self._processes[name].pid
+
     def client(self) -> LabelStudioClient:
         return LabelStudioClient(self.label_studio.url, self.label_studio.token)
 

@@ -8,6 +8,12 @@ Stages, as in GPT4RoI: "region" trains the region encoder only; "projector" adds
 projector; "lora" adds LoRA adapters on the LLM (merged into the weights at the end); "full"
 trains everything but the vision tower; "scratch" trains everything (a model built from config,
 where nothing is pretrained).
+
+Several processes: run under `torchrun --nproc_per_node N` (or `accelerate launch`), one process per
+device, and the Trainer trains data-parallel (DDP; gloo on CPUs, NCCL on GPUs; FSDP for the "full" stage on
+GPUs). `batch_size` is the global batch: each process takes `batch_size / N` records a step, so a run of N
+processes takes the same steps over the same records as one process. Only the first process writes the
+model, its plot and its summary.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -304,6 +311,17 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
 
 
 # the training run --------------------------------------------------------------------------------------
+def _parallel_arguments(processes: int, use_cpu: bool, stage: str) -> dict:
+    """TrainingArguments for a run over several processes (none for one)."""
+    if processes == 1:
+        return {}
+    if use_cpu:
+        return {"ddp_backend": "gloo"}
+    if stage in ("full", "scratch"):  # every weight trains: shard them instead of copying them N times
+        return {"fsdp": "full_shard auto_wrap", "ddp_backend": "nccl"}
+    return {"ddp_backend": "nccl"}
+
+
 def train(options: TrainOptions) -> dict:
     """Train, then write a complete model directory to options.out. Returns the run's summary."""
     started = time.monotonic()
@@ -316,11 +334,17 @@ def train(options: TrainOptions) -> dict:
     logger.info("stage %s: %d trainable parameters", options.stage, trainable)
 
     checkpoints = options.out / "checkpoints"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if options.batch_size % processes:
+        raise ValueError(
+            f"the batch of {options.batch_size} records does not split over {processes} processes"
+        )
+    use_cpu = options.device == "cpu" or not torch.cuda.is_available()
     arguments = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=options.steps,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
+        per_device_train_batch_size=options.batch_size // processes,
+        per_device_eval_batch_size=options.batch_size // processes,
         learning_rate=options.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=options.warmup_steps,
@@ -337,8 +361,9 @@ def train(options: TrainOptions) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         report_to=[],
-        use_cpu=options.device == "cpu" or not torch.cuda.is_available(),
+        use_cpu=use_cpu,
         disable_tqdm=False,
+        **_parallel_arguments(processes, use_cpu, options.stage),
     )
     trainer = Trainer(
         model=model,
@@ -356,12 +381,14 @@ def train(options: TrainOptions) -> dict:
     resume = options.resume and any(checkpoints.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
-    model = merge_adapters(trainer.model)
-    model.config.freeze_vision_tower = True
-    options.out.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, processor, options.out)
-    plot_loss_curve(trainer.state.log_history, options.out / "loss_curve.png")
-    final_eval = trainer.evaluate() if eval_records else {}
+    final_eval = trainer.evaluate() if eval_records else {}  # every process takes part
+    first_process = trainer.is_world_process_zero()
+    if first_process:
+        model = merge_adapters(trainer.accelerator.unwrap_model(trainer.model))
+        model.config.freeze_vision_tower = True
+        options.out.mkdir(parents=True, exist_ok=True)
+        save_pretrained(model, processor, options.out)
+        plot_loss_curve(trainer.state.log_history, options.out / "loss_curve.png")
     summary = {
         "stage": options.stage,
         "steps": trainer.state.global_step,
@@ -369,6 +396,12 @@ def train(options: TrainOptions) -> dict:
         "eval_loss": round(final_eval["eval_loss"], 5) if final_eval else None,
         "eval_exact_match": round(final_eval["eval_exact_match"], 4) if final_eval else None,
         "trainable_parameters": trainable,
+        "processes": processes,
+        "loss_curve": [
+            {"step": entry["step"], "loss": entry["loss"]}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ],
         "diverged": not math.isfinite(result.training_loss),
         "minutes": round((time.monotonic() - started) / 60, 2),
         "options": {
@@ -377,6 +410,8 @@ def train(options: TrainOptions) -> dict:
     }
     summary["options"]["data"] = [str(path) for path in options.data]
     summary["options"].pop("on_log")
+    if not first_process:
+        return summary
     (options.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     if summary["steps"] < options.steps:
         logger.warning(

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from backend import project_state, registry_snapshot
@@ -26,6 +27,7 @@ from backend.queues import connect
 from roi_contract.records import dataset_digest, is_held_out
 from roi_model.engine import RegionEngine
 from roi_model.evaluation import evaluate_records
+from roi_model.launch import train_in_processes
 from roi_model.synthetic import generate_world
 from roi_model.training import TrainOptions, read_records, train
 from worker import process_context
@@ -95,7 +97,12 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
 
     progress.report("training", options=options)
     candidate_dir = run_dir / "candidate"
-    summary = train(
+    run_training = (
+        train
+        if settings.train_devices == 1
+        else partial(train_in_processes, processes=settings.train_devices)
+    )
+    summary = run_training(
         TrainOptions(
             data=[train_path, *([replay_train] if replay_train else [])],
             out=candidate_dir,

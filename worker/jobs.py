@@ -2,7 +2,10 @@
 
 * `describe_regions(request)`: the describe job of DESIGN.md, for the interactive and the prelabel queues.
 * `prelabel_tasks(project_id, task_ids)`: reads tasks from Label Studio, describes every region they carry
-  in one batched engine call, and writes the predictions back, once per task and model version.
+  (the engine batches a group of images at a time), and writes the predictions back, once per task and
+  model version.
+* `prelabel_chunk(project_id, selection, chunk, task_ids)`: `prelabel_tasks` for one chunk of a bulk
+  pre-label (backend/selections.py), counted into the selection's progress.
 * `finetune(project_id, reason)`: one fine-tuning run behind the regression gate (worker/finetune.py).
 
 Each job takes the settings and the model of its process from worker.process_context and raises on
@@ -19,7 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from PIL import Image
+from rq import get_current_job
 
 from backend.describe_jobs import describe_request
 from backend.images import ImageRejected, RecentImages, load_image
@@ -27,7 +32,7 @@ from backend.labeling import LabelingScheme, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.predictions import prediction_from_answers
 from backend.regions import Region, task_regions
-from backend.selections import chunk_ended, is_cancelled
+from backend.selections import chunk_ended, claim_prediction, is_cancelled, release_prediction
 from backend.settings import Settings
 from roi_contract.describe import Answer, DescribeRequest, DescribeResult
 from roi_contract.project import ProjectSettings, Prompts
@@ -144,49 +149,92 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
     progress = JobProgress()
     wanted = list(dict.fromkeys(task_ids))
 
+    claims = _WriteClaims.of_current_job(context.connection, project_id, version)
     tasks = {task["id"]: task for task in client.get_tasks(project_id, wanted)}
-    planned: list[_PlannedTask] = []
-    for done, task_id in enumerate(wanted, start=1):
-        task = tasks.get(task_id)
-        if task is None:
-            summary["failed"].append(
-                {
-                    "task": task_id,
-                    "reason": f"project {project_id} has no task {task_id}",
-                    "kind": "no such task",
-                }
-            )
-        elif any(p.get("model_version") == version for p in task.get("predictions") or []):
-            summary["skipped_existing"] += 1
-        else:
-            try:
-                plan = _plan(task, scheme, prompts, settings, engine.processor.tokenizer)
-            except (ValueError, ImageRejected) as error:  # ImageRejected includes ImageUnavailable
-                summary["failed"].append(_failure(task_id, error))
+    # A group of images at a time through the engine (it batches across them), written back before the
+    # next is read: peak memory depends on the group, not on how many tasks the job was given.
+    group = max(settings.prelabel_chunk_tasks, 1)
+    for start in range(0, len(wanted), group):
+        planned: list[_PlannedTask] = []
+        for task_id in wanted[start : start + group]:
+            task = tasks.get(task_id)
+            if task is None:
+                summary["failed"].append(
+                    {
+                        "task": task_id,
+                        "reason": f"project {project_id} has no task {task_id}",
+                        "kind": "no such task",
+                    }
+                )
+            elif any(p.get("model_version") == version for p in task.get("predictions") or []):
+                summary["skipped_existing"] += 1
             else:
-                if plan is None:
-                    summary["skipped_no_regions"] += 1
+                try:
+                    plan = _plan(task, scheme, prompts, settings, engine.processor.tokenizer)
+                except (ValueError, ImageRejected) as error:  # ImageRejected includes ImageUnavailable
+                    summary["failed"].append(_failure(task_id, error))
                 else:
-                    planned.append(plan)
-        progress.report("reading tasks", done=done, total=len(wanted))
-
-    # One engine call for every question of every task: the engine batches across images.
-    progress.report("answering", done=0, total=len(planned))
-    answers = engine.answer([engine_request(plan.request, plan.image) for plan in planned]) if planned else []
-    for done, (plan, task_answers) in enumerate(zip(planned, answers, strict=True), start=1):
-        try:
-            result = describe_result(plan.request, task_answers, version)
-            prediction = prediction_from_answers(scheme, plan.regions, result, request=plan.request)
-            client.create_prediction(plan.task_id, prediction["result"], prediction["score"], version)
-        except (ValueError, LabelStudioError) as error:
-            if is_transient(error):
-                raise  # Label Studio is unreachable or failing: retry; the predictions made so far are kept
-            summary["failed"].append(_failure(plan.task_id, error))
-        else:
-            summary["predicted"] += 1
-        progress.report("writing predictions", done=done, total=len(planned))
+                    if plan is None:
+                        summary["skipped_no_regions"] += 1
+                    else:
+                        planned.append(plan)
+        progress.report("answering", done=start, total=len(wanted))
+        answers = engine.answer([engine_request(p.request, p.image) for p in planned]) if planned else []
+        for plan, task_answers in zip(planned, answers, strict=True):
+            _write_prediction(client, scheme, plan, task_answers, version, summary, claims)
+        progress.report("answering", done=min(start + group, len(wanted)), total=len(wanted))
     log.info("prelabel project=%s %s", project_id, summary)
     return summary
+
+
+@dataclass(frozen=True)
+class _WriteClaims:
+    """Which job writes a task's prediction (backend.selections.claim_prediction); a job run outside a
+    worker (no Redis, no current job) claims nothing and writes."""
+
+    connection: redis.Redis | None
+    project_id: int
+    version: str
+    owner: str | None
+
+    @classmethod
+    def of_current_job(cls, connection: redis.Redis | None, project_id: int, version: str) -> _WriteClaims:
+        job = get_current_job()
+        return cls(connection, project_id, version, job.id if job is not None else None)
+
+    def claim(self, task_id: int) -> bool:
+        if self.connection is None or self.owner is None:
+            return True
+        return claim_prediction(self.connection, self.project_id, task_id, self.version, self.owner)
+
+    def release(self, task_id: int) -> None:
+        if self.connection is not None and self.owner is not None:
+            release_prediction(self.connection, self.project_id, task_id, self.version, self.owner)
+
+
+def _write_prediction(
+    client: LabelStudioClient,
+    scheme: LabelingScheme,
+    plan: _PlannedTask,
+    answers: list,
+    version: str,
+    summary: dict[str, Any],
+    claims: _WriteClaims,
+) -> None:
+    if not claims.claim(plan.task_id):
+        summary["skipped_existing"] += 1  # another selection's chunk writes it
+        return
+    try:
+        result = describe_result(plan.request, answers, version)
+        prediction = prediction_from_answers(scheme, plan.regions, result, request=plan.request)
+        client.create_prediction(plan.task_id, prediction["result"], prediction["score"], version)
+    except (ValueError, LabelStudioError) as error:
+        if is_transient(error):
+            raise  # Label Studio is unreachable or failing: retry; the predictions made so far are kept
+        claims.release(plan.task_id)
+        summary["failed"].append(_failure(plan.task_id, error))
+    else:
+        summary["predicted"] += 1
 
 
 def prelabel_chunk(

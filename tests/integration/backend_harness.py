@@ -23,7 +23,7 @@ from tests.integration import fake_worker_jobs
 
 FAKE = "tests.integration.fake_worker_jobs"
 FAKE_JOBS = JobNames(
-    describe=f"{FAKE}.describe_regions", prelabel=f"{FAKE}.prelabel_tasks", finetune=f"{FAKE}.finetune"
+    describe=f"{FAKE}.describe_regions", prelabel=f"{FAKE}.prelabel_chunk", finetune=f"{FAKE}.finetune"
 )
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
 

@@ -46,8 +46,10 @@ def describe_regions(request: dict) -> dict:
     return {"model_version": MODEL_VERSION, "answers": answers}
 
 
-def prelabel_tasks(project_id: int, task_ids: list, project_settings: dict | None = None) -> dict:
-    _log_call("prelabel_tasks", project_id=project_id, task_ids=task_ids, project_settings=project_settings)
+def prelabel_chunk(
+    project_id: int, selection: str, chunk: int, task_ids: list, project_settings: dict | None = None
+) -> dict:
+    _log_call("prelabel_chunk", project_id=project_id, task_ids=task_ids, project_settings=project_settings)
     return {"written": len(task_ids)}
 
 

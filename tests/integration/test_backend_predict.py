@@ -203,10 +203,12 @@ def test_a_large_selection_answers_what_is_ready_and_hands_the_rest_to_prelabel(
     ready, queued_32, queued_33, empty = reply.json()["results"]
     assert [item["id"] for item in ready["result"]] == ["b31", "b31"]
     assert queued_32 == queued_33 == empty == []  # the prelabel job writes 32 and 33 itself
-    calls = wait_until(lambda: fake_calls(redis_conn, "prelabel_tasks"), message="prelabel job ran")
+    calls = wait_until(lambda: fake_calls(redis_conn, "prelabel_chunk"), message="prelabel chunk ran")
     assert calls == [
-        {"job": "prelabel_tasks", "project_id": 3, "task_ids": [32, 33], "project_settings": extra}
+        {"job": "prelabel_chunk", "project_id": 3, "task_ids": [32, 33], "project_settings": extra}
     ]
+    progress = backend.get("/prelabel/3").json()
+    assert (progress["total"], progress["chunks"]) == (2, 1)
 
 
 def test_with_redis_down_predict_answers_503_at_once(make_backend, redis_server):

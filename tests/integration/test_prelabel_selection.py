@@ -17,7 +17,7 @@ from rq.job import Job
 from backend.app import JobNames
 from backend.ls_client import LabelStudioClient
 from backend.queues import PRELABEL, SERIALIZER, get_queue
-from backend.selections import chunk_job_id, latest_selection
+from backend.selections import chunk_job_id, claim_prediction, latest_selection, release_prediction
 from backend.settings import Settings
 from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
 from tests.integration.backend_harness import config, predict_body, rectangle, running_backend
@@ -69,9 +69,9 @@ def backend(redis_server, label_studio):
         yield running
 
 
-def retrieve(backend, project: int, task_ids: list[int]) -> list:
-    """What Label Studio sends for "Retrieve predictions" (only the ids matter for a large selection)."""
-    tasks = [{"id": task_id, "data": {}} for task_id in task_ids]
+def retrieve(backend, ls: LabelStudioClient, project: int, task_ids: list[int]) -> list:
+    """What Label Studio sends for "Retrieve predictions": the selected tasks with their annotations."""
+    tasks = ls.get_tasks(project, task_ids)
     reply = backend.post("/predict", predict_body(CAPTION, tasks, project=f"{project}.1700000000"))
     assert reply.status_code == 200, reply.text
     return reply.json()["results"]
@@ -88,7 +88,7 @@ def test_a_large_selection_is_chunked_over_the_workers_and_reports_its_progress(
     start_worker.many("w1", "w2", env=env)
     project, task_ids = boxed_project(ls, image_server, "selection", TASKS)
 
-    results = retrieve(backend, project, task_ids)
+    results = retrieve(backend, ls, project, task_ids)
 
     assert results == [[] for _ in task_ids]  # the chunks write the predictions themselves
     status = wait_until(
@@ -109,7 +109,7 @@ def test_a_worker_killed_mid_chunk_leaves_every_task_with_exactly_one_prediction
     project, task_ids = boxed_project(ls, image_server, "selection with a crash", TASKS, held=CHUNK + 3)
     image_server.hold("held.png")  # the second chunk stays in progress while its worker is killed
 
-    retrieve(backend, project, task_ids)
+    retrieve(backend, ls, project, task_ids)
     wait_until(lambda: image_server.waiting["held.png"] >= 1, 120, "the held image requested")
     chunk = Job.fetch(
         chunk_job_id(latest_selection(redis_conn, project), 1), redis_conn, serializer=SERIALIZER
@@ -129,7 +129,7 @@ def test_a_cancelled_selection_writes_nothing_more(
     backend, ls, label_studio, image_server, start_worker, redis_conn
 ):
     project, task_ids = boxed_project(ls, image_server, "selection cancelled", TASKS)
-    retrieve(backend, project, task_ids)  # no worker yet: every chunk waits in the queue
+    retrieve(backend, ls, project, task_ids)  # no worker yet: every chunk waits in the queue
 
     cancelled = requests.delete(f"{backend.url}/prelabel/{project}", timeout=10).json()
     start_worker("w1", env={"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token})
@@ -138,3 +138,36 @@ def test_a_cancelled_selection_writes_nothing_more(
     assert get_queue(PRELABEL, redis_conn).count == 0  # the worker, ready, finds no chunk to run
     assert progress(backend, project)["done"] == 0
     assert all(task["predictions"] == [] for task in ls.get_tasks(project, task_ids))
+
+
+def test_overlapping_selections_write_each_task_once(
+    backend, ls, label_studio, image_server, start_worker, redis_conn, wait_until
+):
+    project, task_ids = boxed_project(ls, image_server, "selections overlapping", TASKS)
+    retrieve(backend, ls, project, task_ids[:20])  # Retrieve predictions, then again on an overlapping
+    retrieve(backend, ls, project, task_ids[10:])  # selection before the first one ran
+    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
+    start_worker.many("w1", "w2", env=env)
+
+    wait_until(lambda: get_queue(PRELABEL, redis_conn).count == 0, 300, "every chunk taken")
+    status = wait_until(
+        lambda: (s := progress(backend, project))["state"] == "finished" and s, 300, "the second selection"
+    )
+    assert status["total"] == TASKS - 10 and status["failed"] == 0
+    counts = wait_until(
+        lambda: (c := [len(t["predictions"]) for t in ls.get_tasks(project, task_ids)]) and min(c) and c,
+        300,
+        "every task predicted",
+    )
+    assert counts == [1] * TASKS
+
+
+def test_a_prediction_is_claimed_by_one_chunk_and_released_when_its_write_fails(redis_conn):
+    assert claim_prediction(redis_conn, 1, 7, "v1", "sel-a-c0")
+    assert claim_prediction(redis_conn, 1, 7, "v1", "sel-a-c0")  # its own retry
+    assert not claim_prediction(redis_conn, 1, 7, "v1", "sel-b-c3")
+    assert claim_prediction(redis_conn, 1, 7, "v2", "sel-b-c3")  # another model version
+    release_prediction(redis_conn, 1, 7, "v1", "sel-b-c3")  # not its claim: nothing changes
+    assert not claim_prediction(redis_conn, 1, 7, "v1", "sel-b-c3")
+    release_prediction(redis_conn, 1, 7, "v1", "sel-a-c0")
+    assert claim_prediction(redis_conn, 1, 7, "v1", "sel-b-c3")

@@ -12,8 +12,8 @@ from backend.predict import (
     empty,
     parse_predict_request,
     plan_batch_task,
-    prelabel_job_id,
 )
+from backend.selections import selection_id
 from roi_contract.project import Prompts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
@@ -93,7 +93,7 @@ def test_job_ids_depend_only_on_the_payload():
     assert describe_job_id(request) == describe_job_id(request.model_copy())
     assert describe_job_id(request) != describe_job_id(moved)
     assert describe_job_id(request).startswith("describe-")
-    assert prelabel_job_id(3, [2, 1]) == prelabel_job_id(3, [1, 2]) != prelabel_job_id(4, [1, 2])
+    assert selection_id(3, [2, 1]) == selection_id(3, [1, 2, 2]) != selection_id(4, [1, 2])
 
 
 def test_parse_predict_request_tells_interactive_from_batch():

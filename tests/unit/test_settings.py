@@ -63,6 +63,7 @@ def test_every_variable_is_in_the_readme_table_and_in_env_example():
         ("ROI_PREDICT_TIMEOUT", "soon", "ROI_PREDICT_TIMEOUT='soon' is not a number"),
         ("ROI_INLINE_PREDICT_TASKS", "2.5", "ROI_INLINE_PREDICT_TASKS='2.5' is not an integer"),
         ("ROI_IMAGE_MAX_BYTES", "-1", "ROI_IMAGE_MAX_BYTES='-1' must not be negative"),
+        ("ROI_PRELABEL_CHUNK_TASKS", "0", "ROI_PRELABEL_CHUNK_TASKS='0' must be at least 1"),
     ],
 )
 def test_a_bad_value_names_its_variable(name, value, message):
