@@ -31,7 +31,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, NotFound
 from backend import heartbeats, project_state, registry_snapshot, selections, webhooks
 from backend.labeling import UnsupportedConfig, scheme_from_config
 from backend.ls_client import LabelStudioClient
-from backend.predict import DESCRIBE_JOB, PRELABEL_JOB, Predictor, parse_predict_request
+from backend.predict import DESCRIBE_JOB, PRELABEL_FAILED, PRELABEL_JOB, Predictor, parse_predict_request
 from backend.queues import connect, redis_url
 from backend.settings import Settings, SettingsError
 from backend.training_status import training_status
@@ -52,6 +52,7 @@ class JobNames:
 
     describe: str = DESCRIBE_JOB
     prelabel: str = PRELABEL_JOB
+    prelabel_failed: str | None = PRELABEL_FAILED
     finetune: str = webhooks.FINETUNE_JOB
 
 
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
         max_new_tokens=settings.max_new_tokens,
         describe_job=job_names.describe,
         prelabel_job=job_names.prelabel,
+        prelabel_failed=job_names.prelabel_failed,
     )
 
     # Label Studio's API, for checks before a job is queued (Start Training); without a key they are skipped.

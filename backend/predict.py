@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 DESCRIBE_JOB = "worker.jobs.describe_regions"
 PRELABEL_JOB = "worker.jobs.prelabel_chunk"
+PRELABEL_FAILED = "worker.jobs.prelabel_chunk_failed"
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class Predictor:
         max_new_tokens: int,
         describe_job: str = DESCRIBE_JOB,
         prelabel_job: str = PRELABEL_JOB,
+        prelabel_failed: str | None = PRELABEL_FAILED,
     ) -> None:
         self.connection = connection
         self.timeout_s = timeout_s
@@ -189,6 +191,7 @@ class Predictor:
         self.max_new_tokens = max_new_tokens
         self.describe_job = describe_job
         self.prelabel_job = prelabel_job
+        self.prelabel_failed = prelabel_failed
 
     def predict(
         self, call: PredictRequest, scheme: LabelingScheme, params: ProjectSettings
@@ -266,6 +269,7 @@ class Predictor:
             [plan.task_id for plan in pending],
             chunk_tasks=self.chunk_tasks,
             job_name=self.prelabel_job,
+            failure_callback=self.prelabel_failed,
             project_settings=params.model_dump(mode="json", exclude_defaults=True) or None,
         )
         log.info(

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from rq.job import Job, JobStatus
+from rq.job import Callback, Job, JobStatus
 
 from backend.queues import PRELABEL, SERIALIZER, get_queue, spec
 from backend.submit import PENDING
@@ -55,8 +55,12 @@ def start_selection(
     chunk_tasks: int,
     job_name: str,
     project_settings: dict | None,
+    failure_callback: str | None = None,
 ) -> dict[str, Any]:
-    """Plan the selection and enqueue its chunks that are not pending already; returns its status."""
+    """Plan the selection and enqueue its chunks that are not pending already; returns its status.
+
+    `failure_callback`: RQ's on_failure callback of each chunk job, by dotted name (the worker's
+    `prelabel_chunk_failed` counts a chunk that failed for good into the selection)."""
     ids = list(dict.fromkeys(task_ids))
     selection = selection_id(project_id, ids)
     chunks = [ids[start : start + chunk_tasks] for start in range(0, len(ids), chunk_tasks)]
@@ -104,6 +108,7 @@ def start_selection(
                     failure_ttl=policy.failure_ttl,
                     retry=policy.retry,
                     job_id=job_ids[index],
+                    on_failure=Callback(failure_callback) if failure_callback else None,
                 )
                 for index in fresh
             ],
@@ -114,6 +119,14 @@ def start_selection(
         pipe.set(f"roi:project:{project_id}:selection", selection, ex=KEPT_S)
         pipe.execute()
     return selection_status(connection, selection)
+
+
+def chunk_failed(connection: redis.Redis, job: Job, reason: str) -> bool:
+    """A chunk job that failed for good: its tasks count as failed, with `reason`, so the selection ends."""
+    kwargs = job.kwargs
+    return chunk_ended(
+        connection, kwargs["selection"], kwargs["chunk"], done=0, failures=[reason] * len(kwargs["task_ids"])
+    )
 
 
 def chunk_ended(

@@ -32,7 +32,7 @@ from backend.labeling import LabelingScheme, scheme_from_config
 from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.predictions import prediction_from_answers
 from backend.regions import Region, task_regions
-from backend.selections import chunk_ended, claim_prediction, is_cancelled, release_prediction
+from backend.selections import chunk_ended, chunk_failed, claim_prediction, is_cancelled, release_prediction
 from backend.settings import Settings
 from roi_contract.describe import Answer, DescribeRequest, DescribeResult
 from roi_contract.project import ProjectSettings, Prompts
@@ -46,7 +46,7 @@ from worker.job_progress import JobProgress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["describe_regions", "finetune", "prelabel_chunk", "prelabel_tasks"]
+__all__ = ["describe_regions", "finetune", "prelabel_chunk", "prelabel_chunk_failed", "prelabel_tasks"]
 
 # An annotator drawing box after box on one image starts a describe job per box: fetch the image once.
 # (prelabel_tasks reads each task's image once, so it does not use it.)
@@ -251,6 +251,14 @@ def prelabel_chunk(
         done = summary["predicted"] + summary["skipped_existing"] + summary["skipped_no_regions"]
         chunk_ended(connection, selection, chunk, done=done, failures=[f["kind"] for f in summary["failed"]])
     return summary
+
+
+def prelabel_chunk_failed(job, connection: redis.Redis, error_type, error: BaseException, traceback) -> None:
+    """RQ's failure callback of a chunk job (it runs before RQ decides on a retry): once the chunk will not
+    be re-run, its tasks count as failed in the selection, with the error as their reason."""
+    if job.should_retry and is_transient(error):
+        return
+    chunk_failed(connection, job, f"the chunk failed: {error_type.__name__}: {error}"[:300])
 
 
 def _failure(task_id: int, error: Exception) -> dict:

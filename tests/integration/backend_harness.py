@@ -23,7 +23,10 @@ from tests.integration import fake_worker_jobs
 
 FAKE = "tests.integration.fake_worker_jobs"
 FAKE_JOBS = JobNames(
-    describe=f"{FAKE}.describe_regions", prelabel=f"{FAKE}.prelabel_chunk", finetune=f"{FAKE}.finetune"
+    describe=f"{FAKE}.describe_regions",
+    prelabel=f"{FAKE}.prelabel_chunk",
+    prelabel_failed=None,
+    finetune=f"{FAKE}.finetune",
 )
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
 

@@ -21,6 +21,7 @@ import redis
 
 from backend.queues import PRIORITY_ORDER, SERIALIZER, connect
 from backend.settings import Settings
+from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
 from devstack.processes import ManagedProcess
 from devstack.redis_server import EmbeddedRedis
 from tests import waiting
@@ -210,3 +211,12 @@ def start_worker(
         "OMP_NUM_THREADS": "1",
     }
     return WorkerLauncher(start_process, redis_conn, env)
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
+    venv = ensure_venv(REPO_ROOT / ".cache" / "label-studio")
+    root = tmp_path_factory.mktemp("label-studio")
+    copy_data_template(venv, root / "data")
+    with LabelStudio(root / "data", root / "files", venv=venv) as server:
+        yield server

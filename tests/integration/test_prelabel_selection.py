@@ -7,8 +7,6 @@ image can be held back to keep a chunk in progress while its worker is killed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import requests
 from PIL import Image
@@ -19,21 +17,11 @@ from backend.ls_client import LabelStudioClient
 from backend.queues import PRELABEL, SERIALIZER, get_queue
 from backend.selections import chunk_job_id, claim_prediction, latest_selection, release_prediction
 from backend.settings import Settings
-from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
+from devstack.label_studio import LabelStudio
 from tests.integration.backend_harness import config, predict_body, rectangle, running_backend
-from tests.integration.conftest import REPO_ROOT
 
 CAPTION = config("region_captioning.xml")
 TASKS, CHUNK = 30, 8
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
-    venv = ensure_venv(REPO_ROOT / ".cache" / "label-studio")
-    root = tmp_path_factory.mktemp("label-studio")
-    copy_data_template(venv, root / "data")
-    with LabelStudio(root / "data", root / "files", venv=venv) as server:
-        yield server
 
 
 def boxed_project(client: LabelStudioClient, image_server, title: str, count: int, held: int | None = None):
@@ -138,6 +126,22 @@ def test_a_cancelled_selection_writes_nothing_more(
     assert get_queue(PRELABEL, redis_conn).count == 0  # the worker, ready, finds no chunk to run
     assert progress(backend, project)["done"] == 0
     assert all(task["predictions"] == [] for task in ls.get_tasks(project, task_ids))
+
+
+def test_a_chunk_that_fails_for_good_counts_its_tasks_as_failed_with_the_reason(
+    backend, ls, image_server, start_worker, wait_until
+):
+    project, task_ids = boxed_project(ls, image_server, "selection failing", TASKS)
+    start_worker("w1", env={"LABEL_STUDIO_API_KEY": ""})  # a worker that cannot reach Label Studio's API
+
+    retrieve(backend, ls, project, task_ids)
+
+    status = wait_until(
+        lambda: (s := progress(backend, project))["state"] == "finished" and s, 300, "selection"
+    )
+    assert (status["done"], status["failed"]) == (0, TASKS)
+    [(reason, count)] = status["failures"].items()
+    assert count == TASKS and "LABEL_STUDIO_API_KEY is not set" in reason
 
 
 def test_overlapping_selections_write_each_task_once(

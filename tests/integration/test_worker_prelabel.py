@@ -7,29 +7,18 @@ and do nothing twice when it runs again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from backend.ls_client import LabelStudioClient
 from backend.predictions import TRUNCATED_MARK
 from backend.queues import INTERACTIVE, PRELABEL, enqueue, wait_for_result
-from devstack.label_studio import LabelStudio, copy_data_template, ensure_venv
+from devstack.label_studio import LabelStudio
 from tests.integration.conftest import REPO_ROOT
 from tests.integration.worker_harness import noise_image
 
 CONFIG = (REPO_ROOT / "labeling_configs" / "region_captioning.xml").read_text()
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
-    venv = ensure_venv(REPO_ROOT / ".cache" / "label-studio")
-    root = tmp_path_factory.mktemp("label-studio")
-    copy_data_template(venv, root / "data")
-    with LabelStudio(root / "data", root / "files", venv=venv) as server:
-        yield server
 
 
 def rectangle(region_id: str, x: float, y: float, width: float, height: float) -> dict:
