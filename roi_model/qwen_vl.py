@@ -160,9 +160,15 @@ class QwenVLRegionModel:
 
     def _inputs(self, text: str, encoded: dict) -> dict:
         input_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return self._model_inputs(input_ids, encoded)
+
+    def _model_inputs(self, input_ids: torch.Tensor, encoded: dict) -> dict:
+        image_token_id = self.model.config.image_token_id
         return {
             "input_ids": input_ids.to(self.device),
             "attention_mask": torch.ones_like(input_ids).to(self.device),
+            # 1 marks image tokens: the multimodal RoPE positions them on the image grid
+            "mm_token_type_ids": (input_ids == image_token_id).long().to(self.device),
             "pixel_values": encoded["pixel_values"].to(self.device, self.model.dtype),
             "image_grid_thw": encoded["image_grid_thw"].to(self.device),
         }
@@ -228,11 +234,6 @@ class QwenVLRegionModel:
             answer_ids = self.tokenizer(gpt.value + IM_END, add_special_tokens=False)["input_ids"]
             input_ids = torch.tensor([prompt_ids + answer_ids])
             labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + answer_ids])
-            inputs = {
-                "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
-                "pixel_values": encoded["pixel_values"],
-                "image_grid_thw": encoded["image_grid_thw"],
-            }
+            inputs = {key: value.cpu() for key, value in self._model_inputs(input_ids, encoded).items()}
             examples.append(TrainingExample(inputs=inputs, labels=labels))
         return examples
