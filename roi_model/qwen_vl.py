@@ -74,14 +74,21 @@ def box_coordinates(family: str, box: Sequence[float], resized: tuple[int, int])
         scale = (width, height, width, height)
     else:
         scale = (GRID, GRID, GRID, GRID)
-    return [min(max(round(value * side), 0), side) for value, side in zip((x1, y1, x2, y2), scale, strict=True)]
+    return [
+        min(max(round(value * side), 0), side) for value, side in zip((x1, y1, x2, y2), scale, strict=True)
+    ]
 
 
 def coordinates_to_box(family: str, coordinates: Sequence[int], resized: tuple[int, int]) -> list[float]:
     """The inverse of box_coordinates, to 0..1 of the displayed image."""
     if family == "qwen2_5_vl":
         width, height = resized
-        return [coordinates[0] / width, coordinates[1] / height, coordinates[2] / width, coordinates[3] / height]
+        return [
+            coordinates[0] / width,
+            coordinates[1] / height,
+            coordinates[2] / width,
+            coordinates[3] / height,
+        ]
     return [value / GRID for value in coordinates]
 
 
@@ -116,7 +123,10 @@ class QwenVLRegionModel:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model = model_class(family).from_pretrained(
-            directory, dtype=dtype, local_files_only=True, device_map={"": device} if device.type == "cuda" else None
+            directory,
+            dtype=dtype,
+            local_files_only=True,
+            device_map={"": device} if device.type == "cuda" else None,
         )
         processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
         return cls(model, processor, family)
@@ -126,7 +136,11 @@ class QwenVLRegionModel:
         return self.model.device
 
     def stats(self) -> dict:
-        return {"family": self.family, "questions_answered": self.answered, "images_encoded": self.images_encoded}
+        return {
+            "family": self.family,
+            "questions_answered": self.answered,
+            "images_encoded": self.images_encoded,
+        }
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(directory)
@@ -200,7 +214,9 @@ class QwenVLRegionModel:
             **inputs,
             max_new_tokens=options.max_new_tokens,
             eos_token_id=eos_ids,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0],
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else eos_ids[0],
             output_scores=True,
             return_dict_in_generate=True,
             **(sampling if options.do_sample else {"do_sample": False}),
@@ -211,7 +227,8 @@ class QwenVLRegionModel:
     def build_answer(self, output, prompt_length: int, eos_ids: list[int]) -> Answer:
         tokens = output.sequences[0, prompt_length:].tolist()
         log_probs = [
-            float(torch.log_softmax(scores[0].float(), dim=-1)[token]) for scores, token in zip(output.scores, tokens)
+            float(torch.log_softmax(scores[0].float(), dim=-1)[token])
+            for scores, token in zip(output.scores, tokens, strict=True)
         ]
         length = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
         finished = length < len(tokens) or (bool(tokens) and tokens[length - 1] in eos_ids)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny_qwen import tiny_qwen
 
 from roi_contract.images import decode_displayed
 from roi_contract.records import TrainingRecord
@@ -16,8 +17,6 @@ from roi_model.families import UnsupportedModel, detect_family, load_region_mode
 from roi_model.generation import GenerationOptions
 from roi_model.qwen_vl import box_coordinates, coordinates_to_box
 from roi_model.region_model import RegionModel
-
-from tiny_qwen import tiny_qwen
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 
@@ -36,7 +35,9 @@ def test_one_and_two_regions_in_the_prompt(qwen):
     image = Image.new("RGB", (200, 100), "white")
     encoded = qwen.encode_image(image)
     one = qwen.prompt("Describe <region1> .", [[0.1, 0.2, 0.5, 0.6]], encoded)
-    two = qwen.prompt("is <region1> left of <region2> ?", [[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]], encoded)
+    two = qwen.prompt(
+        "is <region1> left of <region2> ?", [[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]], encoded
+    )
     width, height = encoded["resized"]
     if qwen.family == "qwen2_5_vl":  # absolute pixels of the resized image (smart_resize, multiples of 28)
         assert (width, height) == (196, 84) or (width % 28, height % 28) == (0, 0)
@@ -90,7 +91,9 @@ def test_box_maps_back_to_the_annotated_pixels(family, size, orientation, pixel_
     box = [pixel_box[0] / width, pixel_box[1] / height, pixel_box[2] / width, pixel_box[3] / height]
     encoded = model.encode_image(image)
     coordinates = box_coordinates(family, box, encoded["resized"])
-    assert f"the region [{', '.join(map(str, coordinates))}]" in model.prompt("Describe <region1> .", [box], encoded)
+    assert f"the region [{', '.join(map(str, coordinates))}]" in model.prompt(
+        "Describe <region1> .", [box], encoded
+    )
     back = coordinates_to_box(family, coordinates, encoded["resized"])
     cell = (1 / encoded["resized"][0], 1 / encoded["resized"][1]) if family == "qwen2_5_vl" else (1e-3, 1e-3)
     for axis, (got, wanted) in enumerate(zip(back, box, strict=True)):
@@ -147,7 +150,9 @@ def test_batch_answers_equal_plain_generate(qwen):
 
 def test_bad_question_raises_before_work(qwen):
     with pytest.raises(ValueError):
-        qwen.answer([ImageRequest(Image.new("RGB", (50, 50)), [RegionQuery("Describe <region2> .", [[0, 0, 1, 1]])])])
+        qwen.answer(
+            [ImageRequest(Image.new("RGB", (50, 50)), [RegionQuery("Describe <region2> .", [[0, 0, 1, 1]])])]
+        )
 
 
 def test_save_reload_answers_the_same(qwen, tmp_path):
@@ -162,10 +167,10 @@ def test_save_reload_answers_the_same(qwen, tmp_path):
 
 
 def test_family_detection_refuses_with_a_reason(tmp_path):
-    with pytest.raises(UnsupportedModel, match="no config.json"):
+    with pytest.raises(UnsupportedModel, match=r"no config\.json"):
         detect_family(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(UnsupportedModel, match="'bert'.*supported: qwen2_5_vl, qwen3_vl, region_llm"):
+    with pytest.raises(UnsupportedModel, match=r"'bert'.*supported: qwen2_5_vl, qwen3_vl, region_llm"):
         detect_family(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UnsupportedModel, match="JSON"):
