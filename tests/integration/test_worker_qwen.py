@@ -43,7 +43,9 @@ def test_the_worker_serves_a_qwen_vl_checkpoint(redis_conn, start_worker, model_
     start_worker("w1")
     request = describe_request()
     request["regions"].append({"id": "r2", "box": [0.5, 0.5, 1.0, 1.0]})
-    request["questions"].append({"id": "r2:caption", "text": "Describe <region1> briefly.", "regions": ["r2"]})
+    request["questions"].append(
+        {"id": "r2:caption", "text": "Describe <region1> briefly.", "regions": ["r2"]}
+    )
 
     result = wait_for_result(enqueue(redis_conn, INTERACTIVE, DESCRIBE, request), timeout_s=120)
 

@@ -200,3 +200,18 @@ def test_training_examples_label_only_the_answer(qwen):
     assert labelled[-1] == qwen.tokenizer.convert_tokens_to_ids("<|im_end|>")
     loss = qwen.model(**examples[0].inputs, labels=examples[0].labels).loss
     assert torch.isfinite(loss)
+
+
+def test_roi_model_describe_speaks_the_interface(qwen, tmp_path, capsys):
+    from roi_model.cli import main
+
+    qwen.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (120, 80), "blue").save(tmp_path / "photo.png")
+    argv = ["describe", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "photo.png")]
+    assert main([*argv, "--box", "0.1,0.2,0.5,0.6", "--box", "0,0,1,1", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["family"] == qwen.family
+    assert [answer["boxes"] for answer in printed["answers"]] == [
+        [[0.1, 0.2, 0.5, 0.6]],
+        [[0.0, 0.0, 1.0, 1.0]],
+    ]
