@@ -13,11 +13,13 @@ FAMILIES = {
     "region_llm": "region_llm",  # GPT4RoI architecture (roi_model.modeling)
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
+    "florence2": "florence2",
 }
 DESCRIPTIONS = {
     "region_llm": "GPT4RoI-architecture region-LLM (regions as RoI tokens)",
     "qwen2_5_vl": "Qwen2.5-VL (regions as absolute pixel coordinates of the resized image)",
     "qwen3_vl": "Qwen3-VL (regions as coordinates on a 0-1000 grid)",
+    "florence2": "Florence-2 (regions as <loc_0>..<loc_999> location tokens, <REGION_TO_DESCRIPTION>)",
 }
 
 
@@ -50,6 +52,10 @@ def load_region_model(directory: str | Path, *, device: str | None = None, dtype
         from .gpt4roi import GPT4RoIRegionModel
 
         return GPT4RoIRegionModel.from_pretrained(directory, device=device, dtype=dtype, **kwargs)
+    if family == "florence2":
+        from .florence import FlorenceRegionModel
+
+        return FlorenceRegionModel.from_pretrained(directory, device=device, dtype=dtype)
     from .qwen_vl import QwenVLRegionModel
 
     return QwenVLRegionModel.from_pretrained(directory, device=device, dtype=dtype)

@@ -96,14 +96,34 @@ def region_text(coordinates: Sequence[int]) -> str:
     return "the region [" + ", ".join(str(value) for value in coordinates) + "]"
 
 
-def expand_regions(question: str, coordinates: Sequence[Sequence[int]]) -> str:
+def expand_regions_with(question: str, texts: Sequence[str]) -> str:
+    """`<regionK>` replaced by texts[K-1]; ValueError for a K without a box."""
+
     def rewrite(match) -> str:
         number = int(match.group(1))
-        if not 1 <= number <= len(coordinates):
-            raise ValueError(f"the question mentions <region{number}>, but has {len(coordinates)} box(es)")
-        return region_text(coordinates[number - 1])
+        if not 1 <= number <= len(texts):
+            raise ValueError(f"the question mentions <region{number}>, but has {len(texts)} box(es)")
+        return texts[number - 1]
 
     return REGION_REFERENCE.sub(rewrite, question)
+
+
+def expand_regions(question: str, coordinates: Sequence[Sequence[int]]) -> str:
+    return expand_regions_with(question, [region_text(values) for values in coordinates])
+
+
+def answer_from_output(tokenizer, output, prompt_length: int, eos_ids: list[int]) -> Answer:
+    """The answer of a `generate(..., output_scores=True, return_dict_in_generate=True)` of one sequence."""
+    tokens = output.sequences[0, prompt_length:].tolist()
+    log_probs = [
+        float(torch.log_softmax(scores[0].float(), dim=-1)[token])
+        for scores, token in zip(output.scores, tokens, strict=True)
+    ]
+    length = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
+    finished = bool(tokens) and tokens[length - 1] in eos_ids
+    text = tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
+    score = sum(log_probs[:length]) / max(length, 1)
+    return Answer(text=text, score=min(score, 0.0), token_ids=tokens[:length], truncated=not finished)
 
 
 class QwenVLRegionModel:
@@ -225,16 +245,7 @@ class QwenVLRegionModel:
         return self.build_answer(output, inputs["input_ids"].shape[1], eos_ids)
 
     def build_answer(self, output, prompt_length: int, eos_ids: list[int]) -> Answer:
-        tokens = output.sequences[0, prompt_length:].tolist()
-        log_probs = [
-            float(torch.log_softmax(scores[0].float(), dim=-1)[token])
-            for scores, token in zip(output.scores, tokens, strict=True)
-        ]
-        length = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
-        finished = length < len(tokens) or (bool(tokens) and tokens[length - 1] in eos_ids)
-        text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
-        score = sum(log_probs[:length]) / max(length, 1)
-        return Answer(text=text, score=min(score, 0.0), token_ids=tokens[:length], truncated=not finished)
+        return answer_from_output(self.tokenizer, output, prompt_length, eos_ids)
 
     # training ---------------------------------------------------------------------------------------
     def training_examples(self, record: TrainingRecord, image: Image.Image) -> list[TrainingExample]:

@@ -170,7 +170,9 @@ def test_family_detection_refuses_with_a_reason(tmp_path):
     with pytest.raises(UnsupportedModel, match=r"no config\.json"):
         detect_family(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(UnsupportedModel, match=r"'bert'.*supported: qwen2_5_vl, qwen3_vl, region_llm"):
+    with pytest.raises(
+        UnsupportedModel, match=r"'bert'.*supported: florence2, qwen2_5_vl, qwen3_vl, region_llm"
+    ):
         detect_family(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UnsupportedModel, match="JSON"):

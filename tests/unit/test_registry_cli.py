@@ -51,7 +51,10 @@ def test_import_says_the_family_or_refuses(tmp_path):
         check=False,
     )
     assert done.returncode != 0
-    assert "model_type 'bert'" in done.stderr and "supported: qwen2_5_vl, qwen3_vl, region_llm" in done.stderr
+    assert (
+        "model_type 'bert'" in done.stderr
+        and "supported: florence2, qwen2_5_vl, qwen3_vl, region_llm" in done.stderr
+    )
 
 
 def a_model(path: Path, card: dict | None = None) -> Path:
