@@ -33,11 +33,12 @@ def print_json(payload: dict) -> None:
 
 # describe ---------------------------------------------------------------------------------------------
 def describe(args: argparse.Namespace) -> int:
-    from .engine import ImageRequest, RegionEngine, RegionQuery
+    from .engine import ImageRequest, RegionQuery
+    from .families import load_region_model
     from .generation import GenerationOptions
     from .processing import load_image
 
-    engine = RegionEngine.from_pretrained(args.model, device=args.device)
+    engine = load_region_model(args.model, device=args.device)
     image = load_image(args.image)
     if args.question:
         queries = [RegionQuery(question, args.box) for question in args.question]
@@ -48,6 +49,7 @@ def describe(args: argparse.Namespace) -> int:
     print_json(
         {
             "model": str(args.model),
+            "family": engine.family,
             "image": str(args.image),
             "answers": [
                 {

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .engine import ImageRequest, RegionEngine, RegionQuery
+from .engine import ImageRequest, RegionQuery
+from .families import load_region_model
 from .generation import GenerationOptions
 from .processing import load_image
+from .region_model import RegionModel
 from .synthetic import ATTRIBUTES, parse_caption
 from .training import normalized_boxes, question_rows, read_records
 
@@ -64,7 +66,7 @@ def caption_confusion(pairs: Sequence[tuple[str, str]]) -> dict:
 
 
 def evaluate_records(
-    engine: RegionEngine, records: list[dict], *, images_per_batch: int = 16, max_new_tokens: int = 16
+    engine: RegionModel, records: list[dict], *, images_per_batch: int = 16, max_new_tokens: int = 16
 ) -> dict:
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     asked: list[tuple[str | None, str, str]] = []  # (kind, prediction, reference)
@@ -103,6 +105,6 @@ def evaluate_records(
 
 
 def evaluate(model_dir: Path, data: Path, *, device: str | None = None, limit: int | None = None) -> dict:
-    engine = RegionEngine.from_pretrained(model_dir, device=device)
+    engine = load_region_model(model_dir, device=device)
     records = read_records([data])[:limit]
     return evaluate_records(engine, records)

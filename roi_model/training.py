@@ -326,6 +326,13 @@ def train(options: TrainOptions) -> dict:
     """Train, then write a complete model directory to options.out. Returns the run's summary."""
     started = time.monotonic()
     records = read_records(options.data)
+    if options.init is not None:
+        from .families import detect_family
+
+        if detect_family(options.init) != "region_llm":  # Qwen-VL: roi_model.family_training
+            from .family_training import train_family
+
+            return train_family(options, records)
     eval_records = read_records([options.eval_data])[: options.eval_records] if options.eval_data else None
     model, processor = prepare_model(options, records + (eval_records or []))
     torch.manual_seed(options.seed)  # LoRA adapters start random: the same seed gives the same run

@@ -25,8 +25,8 @@ from backend.dataset import export_project
 from backend.ls_client import LabelStudioClient
 from backend.queues import connect
 from roi_contract.records import dataset_digest, is_held_out
-from roi_model.engine import RegionEngine
 from roi_model.evaluation import evaluate_records
+from roi_model.families import load_region_model
 from roi_model.launch import train_in_processes
 from roi_model.synthetic import generate_world
 from roi_model.training import TrainOptions, read_records, train
@@ -227,7 +227,7 @@ def _records_with_absolute_images(path: Path) -> list[dict]:
 
 
 def score(model_dir: Path, held_out: Path, replay_eval: Path | None) -> Scores:
-    engine = RegionEngine.from_pretrained(model_dir)
+    engine = load_region_model(model_dir)
     held_out_score = evaluate_records(engine, read_records([held_out]))["exact_match"]
     replay_score = (
         evaluate_records(engine, read_records([replay_eval]))["exact_match"] if replay_eval else None

@@ -29,11 +29,11 @@ from worker.registry import ModelRegistry, RegistryError
 if TYPE_CHECKING:  # torch and the model code load with the first model, not with this module
     import torch
 
-    from roi_model.engine import RegionEngine
+    from roi_model.region_model import RegionModel
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[[Path], "RegionEngine"]
+EngineLoader = Callable[[Path], "RegionModel"]
 
 
 class NoModelServed(RuntimeError):
@@ -55,7 +55,7 @@ class ModelHost:
         self.dtype = dtype
         self.connection = connection
         self._loader = loader or self._load_engine
-        self._engine: RegionEngine | None = None
+        self._engine: RegionModel | None = None
         self._version: str | None = None
         self._refused: str | None = None  # a version that failed to load; not retried until `current` moves
         self.loading = False  # read by the heartbeat thread
@@ -67,7 +67,7 @@ class ModelHost:
         return self._version
 
     @property
-    def engine(self) -> RegionEngine:
+    def engine(self) -> RegionModel:
         if self._engine is None:
             raise NoModelServed("no model is loaded yet: call ModelHost.load() first")
         return self._engine
@@ -148,10 +148,10 @@ class ModelHost:
 
             torch.cuda.empty_cache()
 
-    def _load_engine(self, directory: Path) -> RegionEngine:
-        from roi_model.engine import RegionEngine
+    def _load_engine(self, directory: Path) -> RegionModel:
+        from roi_model.families import load_region_model  # the family from config.json's model_type
 
-        return RegionEngine.from_pretrained(directory, device=self.device, dtype=self.dtype)
+        return load_region_model(directory, device=self.device, dtype=self.dtype)
 
 
 def no_current_version_message(registry: ModelRegistry) -> str:

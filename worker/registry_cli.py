@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.settings import Settings
+from roi_model.families import DESCRIPTIONS, detect_family
 from worker.registry import ModelRegistry, RegistryError, card_version
 
 
@@ -45,10 +46,20 @@ def run(args: argparse.Namespace) -> int:
             for card in registry.versions():
                 print(json.dumps({"served": card["version"] == current, **card}))
         elif args.action == "import":
+            family = detect_family(args.directory)  # refuses, saying why, what no family can serve
             version = registry.import_model(
-                args.directory, version=args.version or card_version(args.directory)
+                args.directory, version=args.version or card_version(args.directory), extra={"family": family}
             )
-            print(json.dumps({"version": version, "current": registry.current()}))
+            print(
+                json.dumps(
+                    {
+                        "version": version,
+                        "family": family,
+                        "about": DESCRIPTIONS[family],
+                        "current": registry.current(),
+                    }
+                )
+            )
         elif args.action == "promote":
             registry.promote(args.version)
             print(json.dumps({"current": registry.current()}))

@@ -20,12 +20,46 @@ def registry_command(root: Path, *args: str) -> list[dict]:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    if args[0] == "import":  # the family is checked by test_import_says_the_family_or_refuses
+        assert lines[0].pop("family") == "region_llm" and lines[0].pop("about")
+    return lines
+
+
+def test_import_says_the_family_or_refuses(tmp_path):
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    done = subprocess.run(
+        [str(ROI_MODEL), "registry", "--model-dir", str(tmp_path / "models"), "import", str(qwen)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = json.loads(done.stdout)
+    assert imported["family"] == "qwen2_5_vl" and "Qwen2.5-VL" in imported["about"]
+    assert ModelRegistry(tmp_path / "models").card(imported["version"])["family"] == "qwen2_5_vl"
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    done = subprocess.run(
+        [str(ROI_MODEL), "registry", "--model-dir", str(tmp_path / "models"), "import", str(bert)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert (
+        "model_type 'bert'" in done.stderr
+        and "supported: florence2, qwen2_5_vl, qwen3_vl, region_llm" in done.stderr
+    )
 
 
 def a_model(path: Path, card: dict | None = None) -> Path:
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "gpt4roi"}))
+    (path / "config.json").write_text(json.dumps({"model_type": "region_llm"}))
     if card is not None:
         (path / "card.json").write_text(json.dumps(card))
     return path
