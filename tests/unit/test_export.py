@@ -397,13 +397,20 @@ def test_boxes_are_pixels_of_the_fetched_image_and_rotated_ones_their_bounding_b
     conversion = convert([task(17, [annotation(42, result)])])
     assert conversion.records[0]["regions"] == [[340, 60, 400, 220], [760, 540, 800, 600]]
 
-    # The same percentages on an image displayed portrait (EXIF-rotated): the pixels follow the image.
+    # The same percentages on an image fetched portrait while LS says 640x480: the unrotated box follows
+    # the image (percentages are exact), the rotated one would change shape with the aspect ratio, so it is
+    # counted under its reason instead of becoming a wrong box.
     portrait = StoredImage(IMAGE.path, 600, 800)
     rotated = convert([task(17, [annotation(42, result)])], images={URL: portrait})
-    # The bar is 120x80 px at (300, 80) there, so turned it covers x 220..300, y 80..200: the aspect ratio
-    # of the stale 640x480 would give another box.
-    assert rotated.records[0]["regions"] == [[220, 80, 300, 200], [570, 720, 600, 800]]
+    assert rotated.records[0]["regions"] == [[570, 720, 600, 800]]
     assert (rotated.records[0]["width"], rotated.records[0]["height"]) == (600, 800)
+    assert rotated.report["regions_skipped"] == {"rotated_box_aspect_mismatch": ["42:r1"]}
+
+    # With LS's size agreeing with the fetched image (what LS records for an EXIF-rotated photo), the
+    # rotated box is turned in the image's own pixels: 120x80 px at (300, 80) covers x 220..300, y 80..200.
+    agreeing = [{**item, "original_width": 600, "original_height": 800} for item in result]
+    upright = convert([task(17, [annotation(42, agreeing)])], images={URL: portrait})
+    assert upright.records[0]["regions"] == [[220, 80, 300, 200], [570, 720, 600, 800]]
 
 
 def test_unusable_boxes_are_left_out_with_their_reason():
