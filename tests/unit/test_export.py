@@ -1044,3 +1044,23 @@ def test_roi_model_export_prints_the_report_it_writes(label_studio, tmp_path):
     refused = run_cli(label_studio, "--project", "99", "--out", str(tmp_path / "none"))
     assert refused.returncode == 1
     assert "roi-model export: Label Studio get project 99: HTTP 404" in refused.stderr
+
+
+def test_roi_model_export_converts_a_saved_export_file_and_refuses_json_min_by_name(label_studio, tmp_path):
+    saved = tmp_path / "export.json"
+    saved.write_text(json.dumps([{**curated_task(), "data": {"image": "/data/upload/3/green.png"}}]))
+    done = run_cli(
+        label_studio, "--project", str(PROJECT), "--out", str(tmp_path / "a"), "--export-file", str(saved)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["records"] == 1
+
+    json_min = tmp_path / "min.json"
+    json_min.write_text(
+        json.dumps([{"id": 17, "image": URL, "caption": ["a red circle"], "annotation_id": 42}])
+    )
+    refused = run_cli(
+        label_studio, "--project", str(PROJECT), "--out", str(tmp_path / "b"), "--export-file", str(json_min)
+    )
+    assert refused.returncode == 2
+    assert "JSON-MIN" in refused.stderr and "Traceback" not in refused.stderr
