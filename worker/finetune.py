@@ -308,10 +308,13 @@ def scores_of(
     held_out: list[dict],
     replay: list[dict] | None,
     metrics: dict[str, str] | None = None,
+    *,
+    java: bool | None = None,
 ) -> Scores:
-    """The gate's figures of one model (anything with RegionEngine.answer) on held-out and replay records."""
-    held_out_evaluation = evaluate_records(engine, held_out)
-    replay_evaluation = evaluate_records(engine, replay) if replay else None
+    """The gate's figures of one model (anything with RegionEngine.answer) on held-out and replay records
+    (`java`: see roi_model.text_metrics.score_pairs)."""
+    held_out_evaluation = evaluate_records(engine, held_out, java=java)
+    replay_evaluation = evaluate_records(engine, replay, java=java) if replay else None
     return Scores(
         held_out_evaluation["exact_match"],
         replay_evaluation["exact_match"] if replay_evaluation else None,
