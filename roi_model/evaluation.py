@@ -92,7 +92,14 @@ def evaluate_records(
     }
 
 
-def evaluate(model_dir: Path, data: Path, *, device: str | None = None, limit: int | None = None) -> dict:
+def evaluate(
+    model_dir: Path,
+    data: Path,
+    *,
+    device: str | None = None,
+    limit: int | None = None,
+    java: bool | None = None,
+) -> dict:
     engine = RegionEngine.from_pretrained(model_dir, device=device)
     records = read_records([data])[:limit]
-    return evaluate_records(engine, records)
+    return evaluate_records(engine, records, java=java)

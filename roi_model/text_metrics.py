@@ -113,3 +113,27 @@ def captioning_metrics(pairs: Sequence[tuple[str, str]], *, java: bool | None = 
         scores["meteor"] = None
         scores["meteor_unavailable"] = "no Java runtime (java not on PATH): METEOR not computed"
     return scores
+
+
+def metrics_table(per_kind: dict[str, dict]) -> str:
+    """The per-kind scores as a text table; "-" where a metric does not apply, "n/a" where it was not
+    computed (METEOR without Java), and the gate's metric of each kind marked with *."""
+    header = ["kind", "questions", *METRIC_NAMES]
+    rows = [header]
+    for kind, scores in sorted(per_kind.items()):
+        row = [kind, str(scores.get("questions", 0))]
+        for metric in METRIC_NAMES:
+            if metric not in scores:
+                cell = "-"
+            elif scores[metric] is None:
+                cell = "n/a"
+            else:
+                cell = f"{scores[metric]:.4f}"
+            row.append(cell + ("*" if metric == gate_metric(kind) else ""))
+        rows.append(row)
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    notes = {scores.get("meteor_unavailable") for scores in per_kind.values()} - {None}
+    return "\n".join([*lines, *(f"note: {note}" for note in sorted(notes))])
