@@ -38,6 +38,7 @@ from roi_model.training import TrainOptions, read_records, train
 from worker import process_context
 from worker.job_progress import JobProgress
 from worker.registry import ModelRegistry
+from worker.replay_store import ReplayStore, replay_sets
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class Scores:
     # Per question kind, the metric the gate compares: {"caption": {"metric": "cider_d", "value": 1.9}}.
     held_out_kinds: dict[str, dict] = field(default_factory=dict)
     replay_kinds: dict[str, dict] = field(default_factory=dict)
+    # Per replay set (held-out slices of the datasets the served version learned from, benchmarks), the
+    # same per-kind figures: {"benchmark refcoco-mini": {"caption": {...}}}.
+    replay_sets: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,9 +115,17 @@ def gate(candidate: Scores, current: Scores, thresholds: GateThresholds | None =
         drop = _kind_drop(candidate.replay_kinds, current.replay_kinds, thresholds.replay_tolerance)
         if drop:
             return False, f"replay {drop}"
+        for name in sorted(set(candidate.replay_sets) & set(current.replay_sets)):
+            drop = _kind_drop(
+                candidate.replay_sets[name], current.replay_sets[name], thresholds.replay_tolerance
+            )
+            if drop:
+                return False, f"replay set '{name}': {drop}"
         summary = f"held-out {_kinds_summary(candidate.held_out_kinds, current.held_out_kinds)}"
         if candidate.replay_kinds and current.replay_kinds:
             summary += f"; replay {_kinds_summary(candidate.replay_kinds, current.replay_kinds)}"
+        if candidate.replay_sets:
+            summary += f"; {len(candidate.replay_sets)} replay sets kept"
         return True, summary
     if candidate.held_out < current.held_out:
         return False, f"held-out exact match fell from {current.held_out:.4f} to {candidate.held_out:.4f}"
@@ -153,8 +165,9 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
             f"project {project_id} has too few curated annotations to train and hold some out "
             f"({export_report['records']} records); annotate more tasks first"
         )
+    store = ReplayStore(settings.model_dir)
     replay_train, replay_eval = replay_sample(
-        registry.card(current), run_dir / "replay", options["replay_images"]
+        registry.card(current), run_dir / "replay", options["replay_images"], store
     )
 
     progress.report("training", options=options)
@@ -181,8 +194,9 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
 
     progress.report("evaluating")
     thresholds = GateThresholds.from_settings(params.train.gate)
-    current_scores = score(registry.path(current), held_out_path, replay_eval, thresholds.metrics)
-    candidate_scores = score(candidate_dir, held_out_path, replay_eval, thresholds.metrics)
+    sets = replay_sets(store, registry.card(current))
+    current_scores = score(registry.path(current), held_out_path, replay_eval, thresholds.metrics, sets)
+    candidate_scores = score(candidate_dir, held_out_path, replay_eval, thresholds.metrics, sets)
     promote, why = gate(candidate_scores, current_scores, thresholds)
     if summary["diverged"]:
         promote, why = False, f"training diverged (loss {summary['train_loss']}); {why}"
@@ -208,6 +222,16 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         "decision": why,
     }
     if promote:
+        learned = {
+            "project": project_id,
+            "train": store.store(train_path),
+            "held_out": store.store(held_out_path),
+        }
+        replayed = (
+            [{"project": None, "train": store.store(replay_train), "held_out": store.store(replay_eval)}]
+            if replay_train and replay_eval and not registry.card(current).get("datasets")
+            else []
+        )
         version = registry.publish(
             candidate_dir,
             parent=current,
@@ -221,6 +245,9 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
                     "kind": "files",
                     "files": [str(path) for path in (train_path, replay_train) if path],
                 },
+                # Every dataset this version learned from, stored content-addressed (worker/replay_store.py):
+                # the served version's, the replayed sample it started from, and this run's.
+                "datasets": [*(registry.card(current).get("datasets") or []), *replayed, learned],
             },
         )
         registry.promote(version)
@@ -252,16 +279,26 @@ def split_by_task(data: Path) -> tuple[Path, Path]:
     return train_path, held_out_path
 
 
-def replay_sample(card: dict, out: Path, images: int) -> tuple[Path | None, Path | None]:
+def replay_sample(
+    card: dict, out: Path, images: int, store: ReplayStore | None = None
+) -> tuple[Path | None, Path | None]:
     """(train, eval) JSONL of data the served version was trained on; (None, None) when unknown.
 
-    A synthetic-world card lets us regenerate its first images exactly (the world is seeded per
-    image); a fine-tuned version's card lists the JSONL files it was trained on.
+    A fine-tuned version's card lists the datasets it learned from, kept in `store`; a synthetic-world
+    card lets us regenerate its first images exactly (the world is seeded per image); an older fine-tuned
+    card lists the JSONL files it was trained on.
     """
     out.mkdir(parents=True, exist_ok=True)
     replay = card.get("replay") or {}
     world = (card.get("training") or {}).get("train_world")
-    if replay.get("kind") == "files":
+    stored = [
+        store.path(entry["train"])
+        for entry in card.get("datasets") or []
+        if store is not None and entry.get("train") and store.path(entry["train"]).exists()
+    ]
+    if stored:
+        records = [record for path in stored for record in _records_with_absolute_images(path)]
+    elif replay.get("kind") == "files":
         records = [record for path in replay["files"] for record in _records_with_absolute_images(Path(path))]
     elif world:
         generate_world(
@@ -292,11 +329,19 @@ def _records_with_absolute_images(path: Path) -> list[dict]:
 
 
 def score(
-    model_dir: Path, held_out: Path, replay_eval: Path | None, metrics: dict[str, str] | None = None
+    model_dir: Path,
+    held_out: Path,
+    replay_eval: Path | None,
+    metrics: dict[str, str] | None = None,
+    sets: dict[str, Path] | None = None,
 ) -> Scores:
     engine = RegionEngine.from_pretrained(model_dir)
     scores = scores_of(
-        engine, read_records([held_out]), read_records([replay_eval]) if replay_eval else None, metrics
+        engine,
+        read_records([held_out]),
+        read_records([replay_eval]) if replay_eval else None,
+        metrics,
+        sets={name: read_records([path]) for name, path in (sets or {}).items()},
     )
     del engine
     gc.collect()
@@ -309,10 +354,11 @@ def scores_of(
     replay: list[dict] | None,
     metrics: dict[str, str] | None = None,
     *,
+    sets: dict[str, list[dict]] | None = None,
     java: bool | None = None,
 ) -> Scores:
-    """The gate's figures of one model (anything with RegionEngine.answer) on held-out and replay records
-    (`java`: see roi_model.text_metrics.score_pairs)."""
+    """The gate's figures of one model (anything with RegionEngine.answer) on held-out records, the replay
+    sample and the named replay `sets`, asked in that order (`java`: see roi_model.text_metrics.score_pairs)."""
     held_out_evaluation = evaluate_records(engine, held_out, java=java)
     replay_evaluation = evaluate_records(engine, replay, java=java) if replay else None
     return Scores(
@@ -320,6 +366,11 @@ def scores_of(
         replay_evaluation["exact_match"] if replay_evaluation else None,
         kind_scores(held_out_evaluation, metrics),
         kind_scores(replay_evaluation, metrics) if replay_evaluation else {},
+        {
+            name: kind_scores(evaluate_records(engine, records, java=java), metrics)
+            for name, records in (sets or {}).items()
+            if records
+        },
     )
 
 
