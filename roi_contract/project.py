@@ -65,7 +65,7 @@ class GateSettings(ContractModel):
     """The regression gate's thresholds. `metrics`: per question kind (caption, region_qa, classification,
     colour, ...) the metric compared (default: CIDEr-D for free text, exact match for short answers); a
     tolerance is how much of it a candidate may lose, per kind, on the project's held-out tasks and on
-    replay (in the metric's own units: CIDEr-D runs 0..10, the others 0..1)."""
+    replay, as a share of the metric's range (0..1; CIDEr-D's taken as 0..10: 0.01 allows 0.1 of it)."""
 
     metrics: dict[str, Literal[GATE_METRICS]] | None = None  # type: ignore[valid-type]
     held_out_tolerance: Annotated[float, Field(ge=0)] | None = None

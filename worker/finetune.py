@@ -51,6 +51,10 @@ REPLAY_EVAL_SHARE = 0.25
 REPLAY_TOLERANCE = 0.01  # exact-match points the candidate may lose on the replay sample
 
 
+# Tolerances are shares of a metric's range: 0..1 for all but CIDEr-D, whose scores here run up to 10.
+METRIC_RANGES = {"cider_d": 10.0}
+
+
 @dataclass(frozen=True)
 class Scores:
     held_out: float  # exact match over all questions
@@ -90,9 +94,10 @@ def _kind_drop(candidate: dict[str, dict], current: dict[str, dict], tolerance: 
         metric, before, after = current[kind]["metric"], current[kind]["value"], candidate[kind]["value"]
         if before is None or after is None or candidate[kind]["metric"] != metric:
             continue
-        if after < before - tolerance - 1e-9:
+        allowed = tolerance * METRIC_RANGES.get(metric, 1.0)
+        if after < before - allowed - 1e-9:
             return f"{kind} {metric} fell from {before:.4f} to {after:.4f}" + (
-                f", more than {tolerance:g}" if tolerance else ""
+                f", more than {allowed:g}" if allowed else ""
             )
     return None
 
