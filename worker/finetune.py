@@ -158,7 +158,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     connection = context.connection or connect(settings)
     params = project_state.load_settings(connection, project_id)
     options = {**DEFAULTS, **params.train.given()}
-    run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S.%f}"
     started = time.monotonic()
 
     progress.report("exporting")
@@ -252,7 +252,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
                 },
                 # Every dataset this version learned from, stored content-addressed (worker/replay_store.py):
                 # the served version's, the replayed sample it started from, and this run's.
-                "datasets": [*(registry.card(current).get("datasets") or []), *replayed, learned],
+                "datasets": _unique([*(registry.card(current).get("datasets") or []), *replayed, learned]),
             },
         )
         registry.promote(version)
@@ -395,6 +395,17 @@ def acceptance_by_version(data: Path) -> dict[str, dict]:
         version: {**tally, "rate": round(tally["accepted"] / tally["proposals"], 4)}
         for version, tally in counts.items()
     }
+
+
+def _unique(entries: list[dict]) -> list[dict]:
+    """The entries in order, each once (the same export stored again has the same digests)."""
+    seen, unique = set(), []
+    for entry in entries:
+        key = json.dumps(entry, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    return unique
 
 
 # progress -----------------------------------------------------------------------------------------------
