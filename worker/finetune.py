@@ -33,7 +33,7 @@ from roi_model.engine import RegionEngine
 from roi_model.evaluation import evaluate_records
 from roi_model.launch import train_in_processes
 from roi_model.synthetic import generate_world
-from roi_model.text_metrics import gate_metric
+from roi_model.text_metrics import gate_metric, java_available
 from roi_model.training import TrainOptions, read_records, train
 from worker import process_context
 from worker.job_progress import JobProgress
@@ -363,7 +363,13 @@ def scores_of(
     java: bool | None = None,
 ) -> Scores:
     """The gate's figures of one model (anything with RegionEngine.answer) on held-out records, the replay
-    sample and the named replay `sets`, asked in that order (`java`: see roi_model.text_metrics.score_pairs)."""
+    sample and the named replay `sets`, asked in that order.
+
+    `java` (see roi_model.text_metrics.score_pairs): by default the Java runtime (PTB tokenizer, METEOR,
+    some seconds a start) is used only when a kind is gated on METEOR; the gate compares the served
+    version and the candidate tokenized the same way either way."""
+    if java is None:
+        java = "meteor" in (metrics or {}).values() and java_available()
     held_out_evaluation = evaluate_records(engine, held_out, java=java)
     replay_evaluation = evaluate_records(engine, replay, java=java) if replay else None
     return Scores(
