@@ -237,3 +237,45 @@ def test_polygon_transcriptions_of_the_ocr_template_are_exported_with_their_shap
         "unsupported_keypointlabels": [f"{record['source']['annotation']}:k1"]
     }
     assert (report["regions_total"], report["regions_exported"]) == (3, 2)
+
+
+def test_real_exports_json_min_refused_shared_ids_reported_and_aspect_mismatch_counted(
+    label_studio: LabelStudio, ls_client: LabelStudioClient, tmp_path: Path
+) -> None:
+    rotated = {"x": 10, "y": 10, "width": 20, "height": 20, "rotation": 30}
+    result = [
+        # Label Studio says 80x80; the image it serves is 40x30: the rotated box is counted, not reshaped.
+        _item("t1", "bbox", "rectangle", rotated, "image", size=(80, 80)),
+        _item("t1", "transcription", "textarea", {**rotated, "text": ["TILTED"]}, "image", size=(80, 80)),
+        _item("u1", "bbox", "rectangle", {**rotated, "rotation": 0}, "image", size=(80, 80)),
+        _item("u1", "transcription", "textarea", {**rotated, "rotation": 0, "text": ["UPRIGHT"]}, "image"),
+    ]
+    data = {"ocr": "/data/local-files/?d=shapes/yellow.png"}
+    records, report = _export_of(label_studio, ls_client, OCR_CONFIG, data, result, tmp_path / "aspect")
+    [record] = records
+    assert record["regions"] == [[4, 3, 12, 9]]
+    assert report["regions_skipped"] == {
+        "rotated_box_aspect_mismatch": [f"{record['source']['annotation']}:t1"]
+    }
+    project = record["source"]["project"]
+
+    # The same project exported by Label Studio as JSON-MIN: refused by name.
+    json_min = ls_client.sdk.projects.exports.download_sync(project, export_type="JSON_MIN")
+    tasks = json.loads(b"".join(json_min))
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
+    with pytest.raises(ValueError, match="JSON-MIN"):
+        export_project(ls_client, project, tmp_path / "min", settings, exported_tasks=tasks)
+
+    # Its full export with the task duplicated under another id (as Label Studio's own fixture
+    # image_urls_with_bboxes_gt.json has it): both are reported, apart.
+    [task] = ls_client.export_json(project)
+    twin = {**task, "id": task["id"] + 1000}
+    report = export_project(ls_client, project, tmp_path / "twins", settings, exported_tasks=[task, twin])
+    annotation = task["annotations"][0]["id"]
+    assert report["regions_skipped"] == {
+        "rotated_box_aspect_mismatch": [
+            f"{task['id']}/{annotation}:t1",
+            f"{task['id'] + 1000}/{annotation}:t1",
+        ]
+    }
+    assert report["records"] == 2
