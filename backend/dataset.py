@@ -43,12 +43,14 @@ def export_project(
     out_dir: Path,
     settings: Settings,
     project_settings: ProjectSettings | None = None,
+    exported_tasks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Export `project` into `out_dir` (data.jsonl, images/, report.json, manifest.json); returns the report.
 
     `project_settings`: the project's settings (its prompts and controls must be the ones the backend asks
     with; default: the defaults). Images are fetched from settings.label_studio_url with
-    settings.label_studio_api_key, so `client` must be for that Label Studio. An image that cannot be had
+    settings.label_studio_api_key, so `client` must be for that Label Studio. `exported_tasks`: a JSON export
+    of the project saved before (default: fetch one now). An image that cannot be had
     leaves its annotations out and is named in the report. Raises LabelStudioError when Label Studio fails,
     ValueError (UnsupportedConfig) for a label config this backend cannot read.
     """
@@ -56,7 +58,10 @@ def export_project(
     params = project_settings or ProjectSettings()
     label_config = client.get_project(project).get("label_config") or ""
     scheme = scheme_from_config(label_config, params.controls)
-    tasks = [_with_parent_predictions(client, task) for task in client.export_json(project)]
+    exported = client.export_json(project) if exported_tasks is None else exported_tasks
+    if not isinstance(exported, list):
+        raise ValueError("the export must be a list of tasks (Label Studio's JSON export format)")
+    tasks = [_with_parent_predictions(client, task) for task in exported]
     log.info("project %d: %d exported tasks (%s)", project, len(tasks), scheme.kind)
 
     images: dict[str, StoredImage | str] = {}

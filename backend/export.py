@@ -1,7 +1,7 @@
 """Curated Label Studio annotations to spatial-instruction training records (DESIGN.md, "Training records").
 
-`convert_tasks`: Label Studio's full JSON export of a project (a list of task dicts; not JSON_MIN, which
-loses the box-text link) plus the already fetched images become records and a report. No I/O here:
+`convert_tasks`: Label Studio's full JSON export of a project (a list of task dicts; JSON_MIN, which
+loses the box-text link, is refused by name) plus the already fetched images become records and a report. No I/O here:
 backend/dataset.py fetches the export and the images and writes the dataset folder; backend/export_cli.py
 is ``roi-model export``.
 
@@ -15,9 +15,15 @@ The rules:
   the task's question from its data, where ``<regionK>`` is the K-th rectangle in result order. Regions
   without an answer are left out; the others are numbered in result order: ``<regionK>`` is
   ``regions[K-1]``.
+* Regions are the items of the scheme's rectangle control on the scheme's image (its ``to_name``: a box
+  drawn on a second image is never one of the first's), and polygons and brush masks on that image (any
+  control): these become their bounding box, with the shape kept in the record's "masks" (pixel points of a
+  polygon; a brush's LS RLE and its size). Every other region item (a keypoint, an ellipse, a rectangle of a
+  second control, anything on another image) is counted under its reason and never exported.
 * Boxes are LS percentages of the displayed image, so they become pixels with the size of the image as
   fetched (after EXIF orientation); LS's original_width/height may be stale. Rotated rectangles become their
-  axis-aligned bounding box.
+  axis-aligned bounding box; that needs the true aspect ratio, so a rotated one on an image whose fetched
+  aspect ratio disagrees with LS's original_width/height is left out ("rotated_box_aspect_mismatch").
 * Provenance: every answer turn's "source" holds its region's: the region id, the origin LS keeps on the
   answer item (else on the rectangle; "unknown" without either) and, for "prediction-changed", the
   suggestion the annotator changed. The record's "source" holds the annotation's: project, task,
@@ -29,8 +35,10 @@ The rules:
   prediction, the prediction LS recorded as viewed. Interactive suggestions are never stored as
   predictions, so theirs is null.
 
-The report accounts for every annotation and every rectangle: exported, or listed under the reason it was
-not (a rectangle of a skipped annotation is listed under "annotation_<reason>"). Its by_origin counts the
+The report accounts for every annotation and every region item: exported, or listed under the reason it was
+not (a region of a skipped annotation is listed under "annotation_<reason>"). Annotations are listed by id;
+an id that two tasks share (LS's own fixtures do this) is listed as "<task>/<annotation>", and so are the
+region references of such an annotation. Its by_origin counts the
 exported answers by origin: accepted unchanged ("prediction"), edited ("prediction-changed"), "manual".
 Records are ordered by task id and annotation id and written with sorted keys, and images are named by
 content hash, so the same export gives byte-identical files; only manifest.json's time differs.
@@ -39,9 +47,13 @@ content hash, so the same export gives byte-identical files; only manifest.json'
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
 
 from backend.describe_jobs import region_question, textarea_text
 from backend.export_images import StoredImage
@@ -58,6 +70,28 @@ log = logging.getLogger(__name__)
 ORIGINS = ("prediction", "prediction-changed", "manual")
 UNKNOWN_ORIGIN = "unknown"
 MIXED_ORIGIN = "mixed"
+
+_RECTANGLE_TYPES = ("rectangle", "rectanglelabels")
+_POLYGON_TYPES = ("polygon", "polygonlabels")
+_BRUSH_TYPES = ("brush", "brushlabels")
+# Region tools of Label Studio's image tags; other result items (textarea, choices, labels, ...) describe a
+# region, they are not one.
+_REGION_TYPES = (
+    *_RECTANGLE_TYPES,
+    *_POLYGON_TYPES,
+    *_BRUSH_TYPES,
+    "keypoint",
+    "keypointlabels",
+    "ellipse",
+    "ellipselabels",
+    "bitmask",
+    "bitmasklabels",
+    "magicwand",
+    "vector",
+    "vectorlabels",
+)
+# Fetched and labeled aspect ratios closer than this are the same image (rounding of small images).
+_ASPECT_TOLERANCE = 0.02
 
 
 @dataclass
@@ -79,7 +113,7 @@ def select_annotations(
             skipped.append((annotation, "cancelled"))
         elif not annotation["result"]:
             skipped.append((annotation, "empty"))
-        elif not _rectangles(annotation, scheme):
+        elif not _usable_regions(annotation, scheme):
             skipped.append((annotation, "no_rectangles"))
         else:
             kept.append(annotation)
@@ -118,13 +152,15 @@ def convert_tasks(
     `images` maps every URL of `images_needed` to its StoredImage, or to the reason it could not be had.
     Raises ValueError for a task list that is not Label Studio's JSON export.
     """
-    tally = _Tally()
+    tasks = _sorted_tasks(tasks)
+    tally = _Tally(shared_ids=_shared_annotation_ids(tasks))
     records = []
-    for task in _sorted_tasks(tasks):
+    for task in tasks:
+        tally.task = task["id"]
         kept, skipped = select_annotations(task, scheme)
         for annotation in _annotations(task):
             tally.annotations_total += 1
-            tally.regions_total += len(_rectangles(annotation, scheme))
+            tally.regions_total += len(_region_items(annotation, scheme))
         for annotation, reason in skipped:
             tally.skip_annotation(annotation, scheme, reason)
         for annotation in kept:
@@ -137,24 +173,39 @@ def convert_tasks(
 
 @dataclass
 class _Tally:
-    """Where every annotation and every rectangle went: into a record, or left out for a reason."""
+    """Where every annotation and every region went: into a record, or left out for a reason."""
 
+    shared_ids: set[int] = field(default_factory=set)  # annotation ids that more than one task uses
+    task: int | None = None  # the task being converted
     annotations_total: int = 0
-    annotations_skipped: dict[str, list[int]] = field(default_factory=dict)
+    annotations_skipped: dict[str, list[int | str]] = field(default_factory=dict)
     regions_total: int = 0
     regions_skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def skip_annotation(
-        self, annotation: Mapping[str, Any], scheme: LabelingScheme, reason: str, *, with_regions: bool = True
+        self,
+        annotation: Mapping[str, Any],
+        scheme: LabelingScheme,
+        reason: str,
+        *,
+        with_regions: bool = True,
+        regions: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
-        """Leave out an annotation; `with_regions`: its rectangles too, as "annotation_<reason>"."""
-        self.annotations_skipped.setdefault(reason, []).append(annotation["id"])
+        """Leave out an annotation; `with_regions`: its regions too (all, or `regions`), as "annotation_<reason>"."""
+        self.annotations_skipped.setdefault(reason, []).append(self.annotation_ref(annotation))
         if with_regions:
-            for rectangle in _rectangles(annotation, scheme):
-                self.skip_region(annotation, rectangle, f"annotation_{reason}")
+            for region in _region_items(annotation, scheme) if regions is None else regions:
+                self.skip_region(annotation, region, f"annotation_{reason}")
 
-    def skip_region(self, annotation: Mapping[str, Any], rectangle: Mapping[str, Any], reason: str) -> None:
-        self.regions_skipped.setdefault(reason, []).append(_region_ref(annotation, rectangle))
+    def skip_region(self, annotation: Mapping[str, Any], region: Mapping[str, Any], reason: str) -> None:
+        ref = _region_ref(annotation, region)
+        if annotation["id"] in self.shared_ids:
+            ref = f"{self.task}/{ref}"
+        self.regions_skipped.setdefault(reason, []).append(ref)
+
+    def annotation_ref(self, annotation: Mapping[str, Any]) -> int | str:
+        """The annotation's id, or "<task>/<id>" for an id that several tasks use."""
+        return f"{self.task}/{annotation['id']}" if annotation["id"] in self.shared_ids else annotation["id"]
 
     def report(
         self, project: int, scheme: LabelingScheme, records: Sequence[dict], image_errors: Mapping[str, str]
@@ -168,7 +219,9 @@ class _Tally:
             "kind": scheme.kind,
             "annotations_total": self.annotations_total,
             "annotations_exported": len(records),
-            "annotations_skipped": {reason: sorted(ids) for reason, ids in self.annotations_skipped.items()},
+            "annotations_skipped": {
+                reason: sorted(ids, key=_ref_order) for reason, ids in self.annotations_skipped.items()
+            },
             "regions_total": self.regions_total,
             "regions_exported": sum(len(record["regions"]) for record in records),
             "regions_skipped": self.regions_skipped,
@@ -221,6 +274,10 @@ def _record(
     if not isinstance(image, StoredImage):
         tally.skip_annotation(annotation, scheme, "image_unavailable")
         return None
+    for region in _region_items(annotation, scheme):
+        reason = _unusable_reason(region, scheme)
+        if reason is not None:
+            tally.skip_region(annotation, region, reason)
 
     prediction = _source_prediction(task, annotation)
     if scheme.kind == "reasoning":
@@ -229,7 +286,7 @@ def _record(
         turns = _region_turns(annotation, scheme, prompts, image, prediction, tally)
     if turns is None:
         return None
-    region_ids, boxes, conversation = turns
+    region_ids, boxes, masks, conversation = turns
     if not conversation:
         # Each rectangle is already listed with its own reason.
         tally.skip_annotation(annotation, scheme, "no_answered_regions", with_regions=False)
@@ -258,6 +315,8 @@ def _record(
             "region_ids": region_ids,
         },
     }
+    if any(mask is not None for mask in masks):
+        record["masks"] = masks
     parse(TrainingRecord, record, f"the record of annotation {annotation['id']}")  # what training will read
     return record
 
@@ -269,15 +328,16 @@ def _region_turns(
     image: StoredImage,
     prediction: Mapping[str, Any] | None,
     tally: _Tally,
-) -> tuple[list[str], list[list[int]], list[dict]]:
+) -> tuple[list[str], list[list[int]], list[dict | None], list[dict]]:
     """caption, region_qa, classification: a question and an answer per answered region."""
     answers = _items_by_region(annotation["result"], scheme.answer)
     typed = _items_by_region(annotation["result"], scheme.question) if scheme.kind == "region_qa" else {}
     suggested = _items_by_region(_mapping(prediction).get("result") or [], scheme.answer)
     region_ids: list[str] = []
     boxes: list[list[int]] = []
+    masks: list[dict | None] = []
     conversation: list[dict] = []
-    for rectangle, box in _pixel_boxes(annotation, scheme, image):
+    for rectangle, box, mask in _pixel_boxes(annotation, scheme, image):
         region_id = str(rectangle.get("id"))
         if isinstance(box, str):
             tally.skip_region(annotation, rectangle, box)
@@ -302,7 +362,8 @@ def _region_turns(
         )
         region_ids.append(region_id)
         boxes.append(box)
-    return region_ids, boxes, conversation
+        masks.append(mask)
+    return region_ids, boxes, masks, conversation
 
 
 def _reasoning_turns(
@@ -312,14 +373,14 @@ def _reasoning_turns(
     image: StoredImage,
     prediction: Mapping[str, Any] | None,
     tally: _Tally,
-) -> tuple[list[str], list[list[int]], list[dict]] | None:
+) -> tuple[list[str], list[list[int]], list[dict | None], list[dict]] | None:
     """reasoning: the task's question over all rectangles (in result order) and the annotation's answer."""
     pixel_boxes = _pixel_boxes(annotation, scheme, image)
     question = _mapping(task.get("data")).get(scheme.question_key)
     answer_item = next((i for i in annotation["result"] if i.get("from_name") == scheme.answer), None)
     answer = textarea_text(answer_item)
     tags = [int(k) for k in REGION_REFERENCE.findall(question)] if isinstance(question, str) else []
-    if any(not isinstance(box, list) for _, box in pixel_boxes):
+    if any(not isinstance(box, list) for _, box, _ in pixel_boxes):
         reason = "unusable_box"  # the question numbers the rectangles: one bad box breaks the numbering
     elif not isinstance(question, str) or not question.strip():
         reason = "no_question"
@@ -330,7 +391,7 @@ def _reasoning_turns(
     else:
         reason = None
     if reason is not None:
-        tally.skip_annotation(annotation, scheme, reason)
+        tally.skip_annotation(annotation, scheme, reason, regions=_usable_regions(annotation, scheme))
         return None
     prediction_answer = next(
         (i for i in _mapping(prediction).get("result") or [] if i.get("from_name") == scheme.answer), None
@@ -340,8 +401,9 @@ def _reasoning_turns(
         question.strip(), answer, scheme, None, origin, _suggestion(origin, prediction_answer, scheme)
     )
     return (
-        [str(rectangle.get("id")) for rectangle, _ in pixel_boxes],
-        [box for _, box in pixel_boxes],
+        [str(rectangle.get("id")) for rectangle, _, _ in pixel_boxes],
+        [box for _, box, _ in pixel_boxes],
+        [mask for _, _, mask in pixel_boxes],
         conversation,
     )
 
@@ -366,32 +428,111 @@ def _turn_pair(
 
 def _pixel_boxes(
     annotation: Mapping[str, Any], scheme: LabelingScheme, image: StoredImage
-) -> list[tuple[Mapping[str, Any], list[int] | str]]:
-    """Each rectangle in result order with its pixel box, or the reason it has none."""
-    boxes: list[tuple[Mapping[str, Any], list[int] | str]] = []
+) -> list[tuple[Mapping[str, Any], list[int] | str, dict | None]]:
+    """Each usable region in result order with its pixel box (or the reason it has none) and its mask."""
+    boxes: list[tuple[Mapping[str, Any], list[int] | str, dict | None]] = []
     seen = set()
-    for rectangle in _rectangles(annotation, scheme):
-        region_id = rectangle.get("id")
+    for region in _usable_regions(annotation, scheme):
+        region_id = region.get("id")
         if region_id is None or str(region_id) in seen:
-            boxes.append((rectangle, "no_region_id" if region_id is None else "duplicate_region_id"))
+            boxes.append((region, "no_region_id" if region_id is None else "duplicate_region_id", None))
             continue
         seen.add(str(region_id))
-        # The size of the image as fetched, not LS's original_width/height (possibly stale): rotated boxes
-        # need the true aspect ratio.
-        sized = {**rectangle, "original_width": image.width, "original_height": image.height}
         try:
-            x1, y1, x2, y2 = region_from_item(sized).box
-            box = [
-                round(x1 * image.width),
-                round(y1 * image.height),
-                round(x2 * image.width),
-                round(y2 * image.height),
-            ]
-        except (ValueError, OverflowError):  # no numeric geometry, or NaN/infinity in it
-            boxes.append((rectangle, "invalid_box"))
+            geometry = _geometry(region, image)
+        except (ValueError, OverflowError, TypeError):  # no numeric geometry, or NaN/infinity in it
+            boxes.append((region, "invalid_box", None))
             continue
-        boxes.append((rectangle, box if box[2] > box[0] and box[3] > box[1] else "empty_box"))
+        if isinstance(geometry, str):
+            boxes.append((region, geometry, None))
+            continue
+        box, mask = geometry
+        boxes.append((region, box if box[2] > box[0] and box[3] > box[1] else "empty_box", mask))
     return boxes
+
+
+def _geometry(region: Mapping[str, Any], image: StoredImage) -> tuple[list[int], dict | None] | str:
+    """The pixel box of a region of the fetched image and its mask (None for a rectangle), or a reason.
+
+    Raises ValueError (or TypeError) for geometry that is not finite numbers."""
+    kind = _item_type(region)
+    value = _mapping(region.get("value"))
+    if kind in _POLYGON_TYPES:
+        points = value.get("points")
+        if not isinstance(points, list) or len(points) < 3:
+            return "invalid_polygon"
+        pixels = [
+            [round(_percent(x) / 100 * image.width, 2), round(_percent(y) / 100 * image.height, 2)]
+            for x, y in points
+        ]
+        xs, ys = (
+            [min(max(x, 0), image.width) for x, _ in pixels],
+            [min(max(y, 0), image.height) for _, y in pixels],
+        )
+        box = [math.floor(min(xs)), math.floor(min(ys)), math.ceil(max(xs)), math.ceil(max(ys))]
+        return box, {"type": "polygon", "points": pixels}
+    if kind in _BRUSH_TYPES:
+        return _brush_geometry(region, value, image)
+    if value.get("rotation") and _aspect_disagrees(region, image):
+        # LS rotated the box in its own pixel space: with another aspect ratio the bounding box is wrong.
+        return "rotated_box_aspect_mismatch"
+    # The size of the image as fetched, not LS's original_width/height (possibly stale): rotated boxes
+    # need the true aspect ratio.
+    sized = {**region, "original_width": image.width, "original_height": image.height}
+    x1, y1, x2, y2 = region_from_item(sized).box
+    box = [
+        round(x1 * image.width),
+        round(y1 * image.height),
+        round(x2 * image.width),
+        round(y2 * image.height),
+    ]
+    return box, None
+
+
+def _brush_geometry(
+    region: Mapping[str, Any], value: Mapping[str, Any], image: StoredImage
+) -> tuple[list[int], dict] | str:
+    """A brush mask (LS RLE of an RGBA image of original_width x original_height): its bounding box, scaled
+    to the fetched image, and the mask as LS stores it."""
+    rle, width, height = value.get("rle"), region.get("original_width"), region.get("original_height")
+    if value.get("format", "rle") != "rle" or not isinstance(rle, list) or not rle:
+        return "invalid_mask"
+    if not (_is_id(width) and _is_id(height) and width > 0 and height > 0):
+        return "mask_without_size"
+    if not all(_is_id(byte) and 0 <= byte < 256 for byte in rle):
+        return "invalid_mask"
+    try:
+        pixels = decode_rle(rle)
+    except (IndexError, ValueError):
+        return "invalid_mask"
+    if pixels.size != width * height * 4:
+        return "invalid_mask"
+    alpha = pixels.reshape(height, width, 4)[:, :, 3] > 0
+    rows, columns = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+    if not rows.size:
+        return "empty_box"
+    x_scale, y_scale = image.width / width, image.height / height
+    box = [
+        math.floor(columns[0] * x_scale),
+        math.floor(rows[0] * y_scale),
+        min(math.ceil((columns[-1] + 1) * x_scale), image.width),
+        min(math.ceil((rows[-1] + 1) * y_scale), image.height),
+    ]
+    return box, {"type": "brush", "format": "rle", "rle": list(rle), "width": width, "height": height}
+
+
+def _aspect_disagrees(region: Mapping[str, Any], image: StoredImage) -> bool:
+    width, height = region.get("original_width"), region.get("original_height")
+    if not (_is_id(width) and _is_id(height) and width > 0 and height > 0):
+        return False  # nothing to disagree with
+    labeled, fetched = width / height, image.width / image.height
+    return abs(labeled - fetched) > _ASPECT_TOLERANCE * fetched
+
+
+def _percent(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"not a finite percentage: {str(value)[:40]}")
+    return float(value)
 
 
 def _answer(item: Mapping[str, Any] | None, scheme: LabelingScheme) -> tuple[str | None, str | None]:
@@ -503,6 +644,11 @@ def _sorted_tasks(tasks: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]
         raise ValueError("the export must be a list of tasks (Label Studio's JSON export format)")
     checked = []
     for index, task in enumerate(tasks):
+        if _looks_json_min(task):
+            raise ValueError(
+                "this is Label Studio's JSON-MIN export, which drops the link between a box and its text: "
+                "export the project as JSON (the full format) instead"
+            )
         if not isinstance(task, Mapping) or not _is_id(task.get("id")):
             raise ValueError(f"export entry {index} is not a task with an integer 'id': {str(task)[:200]}")
         checked.append(task)
@@ -510,6 +656,16 @@ def _sorted_tasks(tasks: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]
     if len(ids) != len(set(ids)):
         raise ValueError("the export lists a task id twice")
     return sorted(checked, key=lambda task: task["id"])
+
+
+def _looks_json_min(entry: Any) -> bool:
+    """A JSON-MIN entry: a task's data keys at the top level, with no "data", and for an annotated task
+    one annotation flattened into it ("annotation_id", the control names) instead of "annotations"."""
+    return (
+        isinstance(entry, Mapping)
+        and "data" not in entry
+        and ("annotation_id" in entry or "annotations" not in entry)
+    )
 
 
 def _annotations(task: Mapping[str, Any]) -> list[dict]:
@@ -529,8 +685,48 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _rectangles(annotation: Mapping[str, Any], scheme: LabelingScheme) -> list[Mapping[str, Any]]:
-    return [item for item in annotation["result"] if item.get("from_name") == scheme.rectangle]
+def _item_type(item: Mapping[str, Any]) -> str:
+    kind = item.get("type")
+    return kind.lower() if isinstance(kind, str) else ""
+
+
+def _region_items(annotation: Mapping[str, Any], scheme: LabelingScheme) -> list[Mapping[str, Any]]:
+    """Every region of the annotation, on any image and of any tool, in result order."""
+    return [
+        item
+        for item in annotation["result"]
+        if item.get("from_name") == scheme.rectangle or _item_type(item) in _REGION_TYPES
+    ]
+
+
+def _unusable_reason(region: Mapping[str, Any], scheme: LabelingScheme) -> str | None:
+    """Why a region cannot become a box of the scheme's image, or None when it can."""
+    to_name = region.get("to_name")
+    if to_name is not None and to_name != scheme.image:
+        return "on_other_image"
+    kind = _item_type(region)
+    if region.get("from_name") == scheme.rectangle or kind in (*_POLYGON_TYPES, *_BRUSH_TYPES):
+        return None
+    if kind in _RECTANGLE_TYPES:
+        return "rectangle_of_other_control"
+    return f"unsupported_{kind}"
+
+
+def _usable_regions(annotation: Mapping[str, Any], scheme: LabelingScheme) -> list[Mapping[str, Any]]:
+    return [item for item in _region_items(annotation, scheme) if _unusable_reason(item, scheme) is None]
+
+
+def _shared_annotation_ids(tasks: Sequence[Mapping[str, Any]]) -> set[int]:
+    """Annotation ids that appear in more than one task (LS's own fixtures reuse them)."""
+    owners: dict[int, set[int]] = {}
+    for task in tasks:
+        for annotation in _annotations(task):
+            owners.setdefault(annotation["id"], set()).add(task["id"])
+    return {annotation for annotation, tasks_of in owners.items() if len(tasks_of) > 1}
+
+
+def _ref_order(ref: int | str) -> tuple[int, ...]:
+    return (ref,) if isinstance(ref, int) else tuple(int(part) for part in ref.split("/"))
 
 
 def _region_ref(annotation: Mapping[str, Any], rectangle: Mapping[str, Any]) -> str:

@@ -36,6 +36,12 @@ def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
         help="the project's ML-backend extra params as JSON, for its prompts and controls "
         '(e.g. \'{"prompts": {"caption": "Describe <region1>."}}\'); default: none',
     )
+    command.add_argument(
+        "--export-file",
+        type=Path,
+        help="a JSON export of the project saved from Label Studio (Export > JSON; not JSON-MIN) to convert "
+        "instead of fetching one; its images are still fetched",
+    )
     command.set_defaults(func=run_export_command)
 
 
@@ -46,10 +52,16 @@ def run_export_command(args: argparse.Namespace) -> int:
         return 2
     try:
         project_settings = ProjectSettings.from_extra_params(args.extra_params)
+        exported = None
+        if args.export_file is not None:
+            exported = json.loads(args.export_file.read_text(encoding="utf-8"))
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
-        report = export_project(client, args.project, args.out, settings, project_settings)
+        report = export_project(client, args.project, args.out, settings, project_settings, exported)
     except LabelStudioError as error:
         print(f"roi-model export: {error}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as error:  # an unreadable or wrong export file (JSON-MIN: named)
+        print(f"roi-model export: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(report, sort_keys=True, ensure_ascii=False))
     return 0

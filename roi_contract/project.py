@@ -3,7 +3,8 @@
     {"prompts": {"caption": "Describe <region1> briefly.", "classification": "... {choices}."},
      "controls": {"image": "...", "rectangle": "...", "question": "...", "answer": "..."},
      "train_every": 50,
-     "train": {"stage": "lora", "steps": 400, "learning_rate": 3e-4, "replay_images": 400}}
+     "train": {"stage": "lora", "steps": 400, "learning_rate": 3e-4, "replay_images": 400,
+               "gate": {"metrics": {"caption": "cider_d"}, "held_out_tolerance": 0.0, "replay_tolerance": 0.01}}}
 
 Every key is optional. The backend stores the settings of a project's last /setup in Redis; the worker
 reads them there for pre-labeling and fine-tuning. The names under "controls" are checked against the
@@ -22,6 +23,8 @@ from roi_contract.validation import ContractError, ContractModel, parse
 DEFAULT_CAPTION_PROMPT = "Describe <region1> briefly."
 DEFAULT_CLASSIFICATION_PROMPT = "What is <region1>? Answer with one of: {choices}."
 TRAIN_STAGES = ("region", "projector", "lora", "full")
+# What roi_model/text_metrics.py scores; the gate compares one of them per question kind.
+GATE_METRICS = ("exact_match", "token_f1", "bleu4", "meteor", "rouge_l", "cider_d")
 MAX_PROMPT_CHARS = 1000
 MAX_EXTRA_PARAMS_CHARS = 20_000
 
@@ -58,6 +61,17 @@ class Controls(ContractModel):
         return {role: name for role, name in self.model_dump().items() if name is not None}
 
 
+class GateSettings(ContractModel):
+    """The regression gate's thresholds. `metrics`: per question kind (caption, region_qa, classification,
+    colour, ...) the metric compared (default: CIDEr-D for free text, exact match for short answers); a
+    tolerance is how much of it a candidate may lose, per kind, on the project's held-out tasks and on
+    replay, as a share of the metric's range (0..1; CIDEr-D's taken as 0..10: 0.01 allows 0.1 of it)."""
+
+    metrics: dict[str, Literal[GATE_METRICS]] | None = None  # type: ignore[valid-type]
+    held_out_tolerance: Annotated[float, Field(ge=0)] | None = None
+    replay_tolerance: Annotated[float, Field(ge=0)] | None = None
+
+
 class TrainOverrides(ContractModel):
     """Fine-tuning knobs a project may set; the worker's defaults fill the rest."""
 
@@ -65,9 +79,11 @@ class TrainOverrides(ContractModel):
     steps: PositiveInt | None = None
     learning_rate: PositiveFloat | None = None
     replay_images: PositiveInt | None = None
+    gate: GateSettings = GateSettings()
 
     def given(self) -> dict[str, Any]:
-        return {key: value for key, value in self.model_dump().items() if value is not None}
+        """The knobs set, the gate's thresholds aside (see `gate`)."""
+        return {key: value for key, value in self.model_dump().items() if value is not None and key != "gate"}
 
 
 class ProjectSettings(ContractModel):

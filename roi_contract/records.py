@@ -47,6 +47,10 @@ class TrainingRecord(ContractModel):
     regions: list[PixelBox]
     conversations: Annotated[list[Turn], Field(min_length=2)]
     objects: list[dict[str, Any]] | None = None  # the synthetic world's ground truth per region
+    # Per region, the shape the annotator drew when it was not a box (None for a box): a polygon's pixel
+    # points {"type": "polygon", "points": [[x, y], ...]}, or a brush mask as Label Studio stores it
+    # {"type": "brush", "format": "rle", "rle": [...], "width": w, "height": h}. The box is its bounding box.
+    masks: list[dict[str, Any] | None] | None = None
     source: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -56,6 +60,8 @@ class TrainingRecord(ContractModel):
                 raise ValueError(
                     f"region {[x1, y1, x2, y2]} lies outside the {self.width}x{self.height} image"
                 )
+        if self.masks is not None and len(self.masks) != len(self.regions):
+            raise ValueError(f"{len(self.masks)} masks for {len(self.regions)} regions")
         speakers = [turn.speaker for turn in self.conversations]
         if len(speakers) % 2 or speakers != ["human", "gpt"] * (len(speakers) // 2):
             raise ValueError("conversations must alternate human, gpt, starting with human")

@@ -134,8 +134,15 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate as run_evaluation
+    from .text_metrics import metrics_table
 
-    print_json(run_evaluation(args.model, args.data, device=args.device, limit=args.limit))
+    metrics = run_evaluation(
+        args.model, args.data, device=args.device, limit=args.limit, java=False if args.no_java else None
+    )
+    if args.table:
+        print(metrics_table(metrics["per_kind"]))
+    else:
+        print_json(metrics)
     return 0
 
 
@@ -247,10 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--device", default=None)
     command.set_defaults(func=train)
 
-    command = commands.add_parser("eval", help="exact match and token-F1 on held-out JSONL (one JSON line)")
+    command = commands.add_parser(
+        "eval",
+        help="scores per question kind on held-out JSONL (one JSON line): exact match and token-F1, and for "
+        "free text BLEU-4, METEOR (needs java), ROUGE-L, CIDEr-D",
+    )
     command.add_argument("--model", type=Path, required=True)
     command.add_argument("--data", type=Path, required=True)
     command.add_argument("--limit", type=int, help="evaluate the first N records only")
+    command.add_argument("--table", action="store_true", help="print a table of the metrics per kind instead")
+    command.add_argument(
+        "--no-java", action="store_true", help="skip the Java runtime: simple tokenization, no METEOR"
+    )
     command.add_argument("--device", default=None)
     command.set_defaults(func=evaluate)
 

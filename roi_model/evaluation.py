@@ -1,12 +1,12 @@
 """Evaluation on held-out spatial-instruction records: exact match and token-F1, overall and per
-question kind, plus a per-attribute confusion summary of the captions.
+question kind, the captioning metrics for free-text kinds (roi_model/text_metrics.py), plus a
+per-attribute confusion summary of the captions.
 
 Every question is asked on its own, with its regions renumbered from 1 — the way the backend asks.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,30 +19,14 @@ from .generation import GenerationOptions
 from .processing import load_image
 from .region_model import RegionModel
 from .synthetic import ATTRIBUTES, parse_caption
+from .text_metrics import normalize, score_pairs, token_f1
 from .training import normalized_boxes, question_rows, read_records
 
-WORD = re.compile(r"[a-z0-9]+")
-
-
-def normalize(text: str) -> str:
-    return " ".join(WORD.findall(text.lower()))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    predicted, expected = normalize(prediction).split(), normalize(reference).split()
-    common = sum((Counter(predicted) & Counter(expected)).values())
-    if not predicted or not expected or not common:
-        return float(predicted == expected)
-    precision, recall = common / len(predicted), common / len(expected)
-    return 2 * precision * recall / (precision + recall)
+__all__ = ["caption_confusion", "evaluate", "evaluate_records", "normalize", "token_f1"]
 
 
 def _score(pairs: Sequence[tuple[str, str]]) -> dict:
-    return {
-        "questions": len(pairs),
-        "exact_match": round(sum(normalize(p) == normalize(r) for p, r in pairs) / max(len(pairs), 1), 4),
-        "token_f1": round(sum(token_f1(p, r) for p, r in pairs) / max(len(pairs), 1), 4),
-    }
+    return score_pairs(None, pairs)
 
 
 def caption_confusion(pairs: Sequence[tuple[str, str]]) -> dict:
@@ -66,8 +50,14 @@ def caption_confusion(pairs: Sequence[tuple[str, str]]) -> dict:
 
 
 def evaluate_records(
-    engine: RegionModel, records: list[dict], *, images_per_batch: int = 16, max_new_tokens: int = 16
+    engine: RegionModel,
+    records: list[dict],
+    *,
+    images_per_batch: int = 16,
+    max_new_tokens: int = 16,
+    java: bool | None = None,
 ) -> dict:
+    """Scores overall and per kind; `java`: see text_metrics.score_pairs."""
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     asked: list[tuple[str | None, str, str]] = []  # (kind, prediction, reference)
     for start in tqdm(range(0, len(records), images_per_batch), desc="evaluating", unit="batch", leave=False):
@@ -94,7 +84,7 @@ def evaluate_records(
     captions = by_kind.get("caption", [])
     return {
         **_score([(p, r) for _, p, r in asked]),
-        "per_kind": {kind: _score(pairs) for kind, pairs in sorted(by_kind.items())},
+        "per_kind": {kind: score_pairs(kind, pairs, java=java) for kind, pairs in sorted(by_kind.items())},
         "captions": caption_confusion(captions) if captions else {},
         "examples_wrong": [
             {"kind": kind, "prediction": p, "reference": r}
@@ -104,7 +94,14 @@ def evaluate_records(
     }
 
 
-def evaluate(model_dir: Path, data: Path, *, device: str | None = None, limit: int | None = None) -> dict:
+def evaluate(
+    model_dir: Path,
+    data: Path,
+    *,
+    device: str | None = None,
+    limit: int | None = None,
+    java: bool | None = None,
+) -> dict:
     engine = load_region_model(model_dir, device=device)
     records = read_records([data])[:limit]
-    return evaluate_records(engine, records)
+    return evaluate_records(engine, records, java=java)

@@ -3,8 +3,11 @@
 One run: export the project's annotations (backend/export.py) -> split off held-out tasks by a hash of
 the task id -> train from the served version, mixed with a replay sample of the data that version was
 trained on -> evaluate the candidate and the served version on the same held-out tasks and replay
-sample -> promote the candidate only when it is at least as good on held-out and loses at most one
-point on replay. Every run, promoted or not, is recorded in $MODEL_DIR/trainings.jsonl with its
+sample -> promote the candidate only when, for every question kind, it is at least as good on held-out
+and loses at most the tolerance on replay. Per kind the gate compares one metric
+(roi_model/text_metrics.py): exact match for short answers, CIDEr-D for free text, where two captions of
+a region almost never match exactly; the project's training settings may choose others and set the
+tolerances (roi_contract.project.GateSettings). Every run, promoted or not, is recorded in $MODEL_DIR/trainings.jsonl with its
 figures and the reason for the decision; a promoted version carries them in its card.
 """
 
@@ -15,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -24,15 +27,19 @@ from backend import project_state, registry_snapshot
 from backend.dataset import export_project
 from backend.ls_client import LabelStudioClient
 from backend.queues import connect
+from roi_contract.project import GateSettings
 from roi_contract.records import dataset_digest, is_held_out
 from roi_model.evaluation import evaluate_records
 from roi_model.families import load_region_model
 from roi_model.launch import train_in_processes
+from roi_model.region_model import RegionModel
 from roi_model.synthetic import generate_world
+from roi_model.text_metrics import gate_metric, java_available
 from roi_model.training import TrainOptions, read_records, train
 from worker import process_context
 from worker.job_progress import JobProgress
 from worker.registry import ModelRegistry
+from worker.replay_store import ReplayStore, replay_sets
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +52,94 @@ REPLAY_EVAL_SHARE = 0.25
 REPLAY_TOLERANCE = 0.01  # exact-match points the candidate may lose on the replay sample
 
 
+# Tolerances are shares of a metric's range: 0..1 for all but CIDEr-D, whose scores here run up to 10.
+METRIC_RANGES = {"cider_d": 10.0}
+
+
 @dataclass(frozen=True)
 class Scores:
-    held_out: float
+    held_out: float  # exact match over all questions
     replay: float | None
+    # Per question kind, the metric the gate compares: {"caption": {"metric": "cider_d", "value": 1.9}}.
+    held_out_kinds: dict[str, dict] = field(default_factory=dict)
+    replay_kinds: dict[str, dict] = field(default_factory=dict)
+    # Per replay set (held-out slices of the datasets the served version learned from, benchmarks), the
+    # same per-kind figures: {"benchmark refcoco-mini": {"caption": {...}}}.
+    replay_sets: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
-def gate(candidate: Scores, current: Scores) -> tuple[bool, str]:
-    """Promote only a candidate at least as good on held-out that keeps the old skills."""
+@dataclass(frozen=True)
+class GateThresholds:
+    metrics: dict[str, str] | None = None  # kind -> metric; default text_metrics.gate_metric's
+    held_out_tolerance: float = 0.0
+    replay_tolerance: float = REPLAY_TOLERANCE
+
+    @classmethod
+    def from_settings(cls, gate_settings: GateSettings) -> GateThresholds:
+        given = {key: value for key, value in gate_settings.model_dump().items() if value is not None}
+        return cls(**given)
+
+
+def kind_scores(evaluation: dict, metrics: dict[str, str] | None = None) -> dict[str, dict]:
+    """From evaluate_records' result, per kind the gate's metric and its value (None: not computed)."""
+    chosen = {}
+    for kind, scores in evaluation.get("per_kind", {}).items():
+        metric = gate_metric(kind, metrics)
+        chosen[kind] = {"metric": metric, "value": scores.get(metric)}
+    return chosen
+
+
+def _kind_drop(candidate: dict[str, dict], current: dict[str, dict], tolerance: float) -> str | None:
+    """The first kind whose metric the candidate lost more than `tolerance` of, as a sentence; None if none."""
+    for kind in sorted(set(candidate) & set(current)):
+        metric, before, after = current[kind]["metric"], current[kind]["value"], candidate[kind]["value"]
+        if before is None or after is None or candidate[kind]["metric"] != metric:
+            continue
+        allowed = tolerance * METRIC_RANGES.get(metric, 1.0)
+        if after < before - allowed - 1e-9:
+            return f"{kind} {metric} fell from {before:.4f} to {after:.4f}" + (
+                f", more than {allowed:g}" if allowed else ""
+            )
+    return None
+
+
+def _kinds_summary(candidate: dict[str, dict], current: dict[str, dict]) -> str:
+    return ", ".join(
+        f"{kind} {current[kind]['metric']} {current[kind]['value']} -> {candidate[kind]['value']}"
+        for kind in sorted(set(candidate) & set(current))
+    )
+
+
+def gate(candidate: Scores, current: Scores, thresholds: GateThresholds | None = None) -> tuple[bool, str]:
+    """Promote only a candidate at least as good on held-out that keeps the old skills (per question
+    kind when the scores have kinds; on overall exact match otherwise)."""
+    thresholds = thresholds or GateThresholds()
+    if candidate.held_out_kinds and current.held_out_kinds:
+        drop = _kind_drop(candidate.held_out_kinds, current.held_out_kinds, thresholds.held_out_tolerance)
+        if drop:
+            return False, f"held-out {drop}"
+        drop = _kind_drop(candidate.replay_kinds, current.replay_kinds, thresholds.replay_tolerance)
+        if drop:
+            return False, f"replay {drop}"
+        for name in sorted(set(candidate.replay_sets) & set(current.replay_sets)):
+            drop = _kind_drop(
+                candidate.replay_sets[name], current.replay_sets[name], thresholds.replay_tolerance
+            )
+            if drop:
+                return False, f"replay set '{name}': {drop}"
+        summary = f"held-out {_kinds_summary(candidate.held_out_kinds, current.held_out_kinds)}"
+        if candidate.replay_kinds and current.replay_kinds:
+            summary += f"; replay {_kinds_summary(candidate.replay_kinds, current.replay_kinds)}"
+        if candidate.replay_sets:
+            summary += f"; {len(candidate.replay_sets)} replay sets kept"
+        return True, summary
     if candidate.held_out < current.held_out:
         return False, f"held-out exact match fell from {current.held_out:.4f} to {candidate.held_out:.4f}"
     replay_known = candidate.replay is not None and current.replay is not None
-    if replay_known and candidate.replay < current.replay - REPLAY_TOLERANCE:
+    if replay_known and candidate.replay < current.replay - thresholds.replay_tolerance:
         return False, (
             f"replay exact match fell from {current.replay:.4f} to {candidate.replay:.4f}, "
-            f"more than {REPLAY_TOLERANCE:.2f}"
+            f"more than {thresholds.replay_tolerance:.2f}"
         )
     return True, (
         f"held-out {current.held_out:.4f} -> {candidate.held_out:.4f}"
@@ -79,7 +159,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     connection = context.connection or connect(settings)
     params = project_state.load_settings(connection, project_id)
     options = {**DEFAULTS, **params.train.given()}
-    run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    run_dir = settings.model_dir / "runs" / f"project-{project_id}-{datetime.now(UTC):%Y%m%dT%H%M%S.%f}"
     started = time.monotonic()
 
     progress.report("exporting")
@@ -91,8 +171,9 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
             f"project {project_id} has too few curated annotations to train and hold some out "
             f"({export_report['records']} records); annotate more tasks first"
         )
+    store = ReplayStore(settings.model_dir)
     replay_train, replay_eval = replay_sample(
-        registry.card(current), run_dir / "replay", options["replay_images"]
+        registry.card(current), run_dir / "replay", options["replay_images"], store
     )
 
     progress.report("training", options=options)
@@ -118,14 +199,17 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     )
 
     progress.report("evaluating")
-    current_scores = score(registry.path(current), held_out_path, replay_eval)
-    candidate_scores = score(candidate_dir, held_out_path, replay_eval)
-    promote, why = gate(candidate_scores, current_scores)
+    thresholds = GateThresholds.from_settings(params.train.gate)
+    sets = replay_sets(store, registry.card(current))
+    current_scores = score(registry.path(current), held_out_path, replay_eval, thresholds.metrics, sets)
+    candidate_scores = score(candidate_dir, held_out_path, replay_eval, thresholds.metrics, sets)
+    promote, why = gate(candidate_scores, current_scores, thresholds)
     if summary["diverged"]:
         promote, why = False, f"training diverged (loss {summary['train_loss']}); {why}"
     metrics = {
         "held_out_exact_match": candidate_scores.held_out,
         "replay_exact_match": candidate_scores.replay,
+        "held_out_by_kind": candidate_scores.held_out_kinds,
     }
     run = {
         "project": project_id,
@@ -133,6 +217,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "parent": current,
         "options": options,
+        "gate": asdict(thresholds),
         "candidate": asdict(candidate_scores),
         "served": asdict(current_scores),
         "acceptance": acceptance_by_version(run_dir / "export" / "data.jsonl"),
@@ -143,6 +228,16 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         "decision": why,
     }
     if promote:
+        learned = {
+            "project": project_id,
+            "train": store.store(train_path),
+            "held_out": store.store(held_out_path),
+        }
+        replayed = (
+            [{"project": None, "train": store.store(replay_train), "held_out": store.store(replay_eval)}]
+            if replay_train and replay_eval and not registry.card(current).get("datasets")
+            else []
+        )
         version = registry.publish(
             candidate_dir,
             parent=current,
@@ -156,6 +251,9 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
                     "kind": "files",
                     "files": [str(path) for path in (train_path, replay_train) if path],
                 },
+                # Every dataset this version learned from, stored content-addressed (worker/replay_store.py):
+                # the served version's, the replayed sample it started from, and this run's.
+                "datasets": _unique([*(registry.card(current).get("datasets") or []), *replayed, learned]),
             },
         )
         registry.promote(version)
@@ -187,16 +285,26 @@ def split_by_task(data: Path) -> tuple[Path, Path]:
     return train_path, held_out_path
 
 
-def replay_sample(card: dict, out: Path, images: int) -> tuple[Path | None, Path | None]:
+def replay_sample(
+    card: dict, out: Path, images: int, store: ReplayStore | None = None
+) -> tuple[Path | None, Path | None]:
     """(train, eval) JSONL of data the served version was trained on; (None, None) when unknown.
 
-    A synthetic-world card lets us regenerate its first images exactly (the world is seeded per
-    image); a fine-tuned version's card lists the JSONL files it was trained on.
+    A fine-tuned version's card lists the datasets it learned from, kept in `store`; a synthetic-world
+    card lets us regenerate its first images exactly (the world is seeded per image); an older fine-tuned
+    card lists the JSONL files it was trained on.
     """
     out.mkdir(parents=True, exist_ok=True)
     replay = card.get("replay") or {}
     world = (card.get("training") or {}).get("train_world")
-    if replay.get("kind") == "files":
+    stored = [
+        store.path(entry["train"])
+        for entry in card.get("datasets") or []
+        if store is not None and entry.get("train") and store.path(entry["train"]).exists()
+    ]
+    if stored:
+        records = [record for path in stored for record in _records_with_absolute_images(path)]
+    elif replay.get("kind") == "files":
         records = [record for path in replay["files"] for record in _records_with_absolute_images(Path(path))]
     elif world:
         generate_world(
@@ -226,15 +334,56 @@ def _records_with_absolute_images(path: Path) -> list[dict]:
     return records
 
 
-def score(model_dir: Path, held_out: Path, replay_eval: Path | None) -> Scores:
+def score(
+    model_dir: Path,
+    held_out: Path,
+    replay_eval: Path | None,
+    metrics: dict[str, str] | None = None,
+    sets: dict[str, Path] | None = None,
+) -> Scores:
     engine = load_region_model(model_dir)
-    held_out_score = evaluate_records(engine, read_records([held_out]))["exact_match"]
-    replay_score = (
-        evaluate_records(engine, read_records([replay_eval]))["exact_match"] if replay_eval else None
+    scores = scores_of(
+        engine,
+        read_records([held_out]),
+        read_records([replay_eval]) if replay_eval else None,
+        metrics,
+        sets={name: read_records([path]) for name, path in (sets or {}).items()},
     )
     del engine
     gc.collect()
-    return Scores(held_out_score, replay_score)
+    return scores
+
+
+def scores_of(
+    engine: RegionModel,
+    held_out: list[dict],
+    replay: list[dict] | None,
+    metrics: dict[str, str] | None = None,
+    *,
+    sets: dict[str, list[dict]] | None = None,
+    java: bool | None = None,
+) -> Scores:
+    """The gate's figures of one model (a RegionModel) on held-out records, the replay
+    sample and the named replay `sets`, asked in that order.
+
+    `java` (see roi_model.text_metrics.score_pairs): by default the Java runtime (PTB tokenizer, METEOR,
+    some seconds a start) is used only when a kind is gated on METEOR; the gate compares the served
+    version and the candidate tokenized the same way either way."""
+    if java is None:
+        java = "meteor" in (metrics or {}).values() and java_available()
+    held_out_evaluation = evaluate_records(engine, held_out, java=java)
+    replay_evaluation = evaluate_records(engine, replay, java=java) if replay else None
+    return Scores(
+        held_out_evaluation["exact_match"],
+        replay_evaluation["exact_match"] if replay_evaluation else None,
+        kind_scores(held_out_evaluation, metrics),
+        kind_scores(replay_evaluation, metrics) if replay_evaluation else {},
+        {
+            name: kind_scores(evaluate_records(engine, records, java=java), metrics)
+            for name, records in (sets or {}).items()
+            if records
+        },
+    )
 
 
 def acceptance_by_version(data: Path) -> dict[str, dict]:
@@ -253,6 +402,17 @@ def acceptance_by_version(data: Path) -> dict[str, dict]:
         version: {**tally, "rate": round(tally["accepted"] / tally["proposals"], 4)}
         for version, tally in counts.items()
     }
+
+
+def _unique(entries: list[dict]) -> list[dict]:
+    """The entries in order, each once (the same export stored again has the same digests)."""
+    seen, unique = set(), []
+    for entry in entries:
+        key = json.dumps(entry, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    return unique
 
 
 # progress -----------------------------------------------------------------------------------------------

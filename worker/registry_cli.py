@@ -14,6 +14,7 @@ from pathlib import Path
 from backend.settings import Settings
 from roi_model.families import DESCRIPTIONS, detect_family
 from worker.registry import ModelRegistry, RegistryError, card_version
+from worker.replay_store import ReplayStore
 
 
 def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -35,6 +36,13 @@ def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
         "report", help="plot acceptance rate and held-out metrics per version over time"
     )
     report.add_argument("--out", type=Path, default=Path("report.png"))
+    benchmark = actions.add_parser(
+        "add-benchmark",
+        help="register a spatial-instruction JSONL file (images relative to it) as a benchmark the gate "
+        "evaluates every candidate on; a drop beyond the replay tolerance refuses the promotion",
+    )
+    benchmark.add_argument("file", type=Path)
+    benchmark.add_argument("--name", help="its name in the gate's reasons (default: the file's stem)")
     command.set_defaults(func=run)
 
 
@@ -65,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"current": registry.current()}))
         elif args.action == "rollback":
             print(json.dumps({"current": registry.rollback()}))
+        elif args.action == "add-benchmark":
+            print(json.dumps(ReplayStore(registry.root).add_benchmark(args.file, args.name)))
         else:
             plot_report(registry, args.out)
             print(json.dumps({"report": str(args.out)}))

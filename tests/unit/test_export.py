@@ -397,13 +397,20 @@ def test_boxes_are_pixels_of_the_fetched_image_and_rotated_ones_their_bounding_b
     conversion = convert([task(17, [annotation(42, result)])])
     assert conversion.records[0]["regions"] == [[340, 60, 400, 220], [760, 540, 800, 600]]
 
-    # The same percentages on an image displayed portrait (EXIF-rotated): the pixels follow the image.
+    # The same percentages on an image fetched portrait while LS says 640x480: the unrotated box follows
+    # the image (percentages are exact), the rotated one would change shape with the aspect ratio, so it is
+    # counted under its reason instead of becoming a wrong box.
     portrait = StoredImage(IMAGE.path, 600, 800)
     rotated = convert([task(17, [annotation(42, result)])], images={URL: portrait})
-    # The bar is 120x80 px at (300, 80) there, so turned it covers x 220..300, y 80..200: the aspect ratio
-    # of the stale 640x480 would give another box.
-    assert rotated.records[0]["regions"] == [[220, 80, 300, 200], [570, 720, 600, 800]]
+    assert rotated.records[0]["regions"] == [[570, 720, 600, 800]]
     assert (rotated.records[0]["width"], rotated.records[0]["height"]) == (600, 800)
+    assert rotated.report["regions_skipped"] == {"rotated_box_aspect_mismatch": ["42:r1"]}
+
+    # With LS's size agreeing with the fetched image (what LS records for an EXIF-rotated photo), the
+    # rotated box is turned in the image's own pixels: 120x80 px at (300, 80) covers x 220..300, y 80..200.
+    agreeing = [{**item, "original_width": 600, "original_height": 800} for item in result]
+    upright = convert([task(17, [annotation(42, agreeing)])], images={URL: portrait})
+    assert upright.records[0]["regions"] == [[220, 80, 300, 200], [570, 720, 600, 800]]
 
 
 def test_unusable_boxes_are_left_out_with_their_reason():
@@ -1037,3 +1044,23 @@ def test_roi_model_export_prints_the_report_it_writes(label_studio, tmp_path):
     refused = run_cli(label_studio, "--project", "99", "--out", str(tmp_path / "none"))
     assert refused.returncode == 1
     assert "roi-model export: Label Studio get project 99: HTTP 404" in refused.stderr
+
+
+def test_roi_model_export_converts_a_saved_export_file_and_refuses_json_min_by_name(label_studio, tmp_path):
+    saved = tmp_path / "export.json"
+    saved.write_text(json.dumps([{**curated_task(), "data": {"image": "/data/upload/3/green.png"}}]))
+    done = run_cli(
+        label_studio, "--project", str(PROJECT), "--out", str(tmp_path / "a"), "--export-file", str(saved)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["records"] == 1
+
+    json_min = tmp_path / "min.json"
+    json_min.write_text(
+        json.dumps([{"id": 17, "image": URL, "caption": ["a red circle"], "annotation_id": 42}])
+    )
+    refused = run_cli(
+        label_studio, "--project", str(PROJECT), "--out", str(tmp_path / "b"), "--export-file", str(json_min)
+    )
+    assert refused.returncode == 2
+    assert "JSON-MIN" in refused.stderr and "Traceback" not in refused.stderr

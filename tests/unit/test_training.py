@@ -125,3 +125,32 @@ def test_bad_options_name_the_problem():
         TrainOptions(data=[], out=Path("x"), config="tiny-convnext", stage="everything")
     with pytest.raises(ValueError, match="exactly one of --init"):
         TrainOptions(data=[], out=Path("x"), init=Path("m"), config="tiny-convnext")
+
+
+def test_eval_prints_the_captioning_metrics_per_free_text_kind(trained, world, capsys):
+    out, _ = trained
+    capsys.readouterr()
+    argv = ["eval", "--model", str(out), "--data", str(world / "data.jsonl"), "--limit", "8", "--no-java"]
+    assert cli_main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    caption = metrics["per_kind"]["caption"]
+    assert {"exact_match", "token_f1", "bleu4", "rouge_l", "cider_d"} <= set(caption)
+    assert caption["meteor"] is None and caption["tokenizer"] == "simple"
+    short = next(scores for kind, scores in metrics["per_kind"].items() if kind != "caption")
+    assert "cider_d" not in short
+
+    assert cli_main([*argv, "--table"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == [
+        "kind",
+        "questions",
+        "exact_match",
+        "token_f1",
+        "bleu4",
+        "meteor",
+        "rouge_l",
+        "cider_d",
+    ]
+    [caption_row] = [row for row in table if row.startswith("caption ")]
+    assert caption_row.split()[-1].endswith("*") and "n/a" in caption_row  # CIDEr-D gates; no METEOR
+    assert table[-1].startswith("note: no Java runtime")
