@@ -26,7 +26,9 @@ def docker_engine_problem() -> str | None:
     if shutil.which("docker") is None:
         return "no docker command"
     try:
-        engine = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20)
+        engine = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20
+        )
         plugin = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, timeout=20)
     except subprocess.TimeoutExpired:
         return "docker does not answer"
@@ -75,9 +77,13 @@ class ComposeStack:
                 "--env-file", str(self.env), *files, *args]  # fmt: skip
 
     def run(self, *args: str, timeout: float = 600, check: bool = True, input: str | None = None) -> str:
-        done = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout, input=input)
+        done = subprocess.run(
+            self.command(*args), capture_output=True, text=True, timeout=timeout, input=input
+        )
         if check and done.returncode != 0:
-            raise ComposeError(f"docker compose {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+            raise ComposeError(
+                f"docker compose {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+            )
         return done.stdout
 
     def config(self) -> dict:
@@ -114,7 +120,9 @@ class ComposeStack:
 
 
 def image_size_mb(image: str) -> float:
-    out = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", image], capture_output=True, text=True)
+    out = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{.Size}}", image], capture_output=True, text=True
+    )
     return int(out.stdout.strip() or 0) / 1e6
 
 

@@ -26,10 +26,14 @@ print(r.status, r.read().decode())
 
 def test_compose_accepts_the_files_gpu_and_cpu(backend_stack: ComposeStack) -> None:
     gpu = backend_stack.config()["services"]
-    devices = {name: gpu[name]["deploy"]["resources"]["reservations"]["devices"] for name in ("worker", "trainer")}
+    devices = {
+        name: gpu[name]["deploy"]["resources"]["reservations"]["devices"] for name in ("worker", "trainer")
+    }
     assert devices["worker"][0]["driver"] == "nvidia" and devices["worker"][0]["device_ids"] == ["0"]
     assert devices["trainer"][0]["device_ids"] == ["1"]
-    cpu_stack = ComposeStack(backend_stack.project, backend_stack.env, ("docker-compose.yml", "docker-compose.cpu.yml"))
+    cpu_stack = ComposeStack(
+        backend_stack.project, backend_stack.env, ("docker-compose.yml", "docker-compose.cpu.yml")
+    )
     cpu = cpu_stack.config()["services"]
     for name in ("worker", "trainer"):
         assert "deploy" not in cpu[name] or not cpu[name]["deploy"].get("resources"), cpu[name].get("deploy")
@@ -47,13 +51,17 @@ def test_backend_builds_and_comes_up_with_redis(backend_stack: ComposeStack) -> 
     def answer() -> str:
         return backend_stack.exec("backend", "python3", "-c", HEALTH, check=False).strip()
 
-    status, _, body = wait_until(answer, timeout_s=120, message="the backend answers /health", poll_s=1).partition(" ")
+    status, _, body = wait_until(
+        answer, timeout_s=120, message="the backend answers /health", poll_s=1
+    ).partition(" ")
     up_s = time.monotonic() - began - built_s
     assert status == "503", body
     assert json.loads(body) == {"status": "DOWN", "reason": "no live worker: start a worker (roi-worker)"}
     assert backend_stack.ps()["backend"]["State"] == "running"
     # The backend image carries no torch (the web process never loads it).
-    assert "no torch" in backend_stack.python("backend", "import importlib.util as u; print('torch' if u.find_spec('torch') else 'no torch')")
+    assert "no torch" in backend_stack.python(
+        "backend", "import importlib.util as u; print('torch' if u.find_spec('torch') else 'no torch')"
+    )
     # Redis runs as configured: AOF on, noeviction.
     info = backend_stack.exec("redis", "redis-cli", "config", "get", "*").split()
     settings = dict(zip(info[::2], info[1::2], strict=False))
