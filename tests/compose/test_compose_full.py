@@ -8,6 +8,7 @@ killed mid-job, the backend restarted while a request waits.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -103,12 +104,23 @@ def project(client: LabelStudioClient, world: Path) -> ProjectSetup:
     return _project(client, world, "captions")
 
 
-def served_version(stack: ComposeStack) -> str:
-    return stack.exec("worker", "roi-model", "registry", "list").strip()
+def current_version(stack: ComposeStack) -> str:
+    return stack.exec("worker", "cat", "/models/current").strip()
 
 
-def predictions_of(client: LabelStudioClient, setup: ProjectSetup) -> dict[int, list[JSON]]:
-    return {task["id"]: task.get("predictions") or [] for task in client.get_tasks(setup.project)}
+def predictions_of(client: LabelStudioClient, setup: ProjectSetup, version: str) -> dict[int, list[JSON]]:
+    """task -> its predictions by model `version` (the world's tasks also carry their boxes as a prediction)."""
+    return {
+        task["id"]: [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+        for task in client.get_tasks(setup.project)
+    }
+
+
+def every_task_predicted(
+    client: LabelStudioClient, setup: ProjectSetup, version: str
+) -> dict[int, list[JSON]]:
+    found = predictions_of(client, setup, version)
+    return found if all(found.values()) else {}
 
 
 def textareas(result: list[JSON]) -> list[JSON]:
@@ -138,24 +150,44 @@ def test_an_interactive_caption_through_label_studio(
 def test_a_bulk_prelabel_is_written_back(
     client: LabelStudioClient, project: ProjectSetup, stack: ComposeStack
 ) -> None:
-    wait_until(
-        lambda: client.retrieve_predictions(project.project) is not None, 60, "retrieve predictions accepted"
+    version = current_version(stack)
+    client.retrieve_predictions(project.project)
+    done = wait_until(
+        lambda: every_task_predicted(client, project, version), 900, "every task predicted", poll_s=2
     )
-    done = wait_until(lambda: all(predictions_of(client, project).values()) and predictions_of(client, project), 900,
-                      "every task has a prediction", poll_s=2)  # fmt: skip
     assert all(len(found) == 1 for found in done.values()), {task: len(found) for task, found in done.items()}
+    assert all(textareas(found[0]["result"]) for found in done.values())
 
 
 def test_start_training_gives_a_new_version_the_worker_reloads(
-    client: LabelStudioClient, project: ProjectSetup, stack: ComposeStack
+    client: LabelStudioClient, project: ProjectSetup, world: Path, stack: ComposeStack
 ) -> None:
-    before = stack.exec("worker", "cat", "/models/current").strip()
-    for task_id, found in predictions_of(client, project).items():
-        client.create_annotation(task_id, found[0]["result"], parent_prediction=found[0]["id"])
+    before = current_version(stack)
+    records = world_records(world)
+    tasks = {task["id"]: task for task in client.get_tasks(project.project)}
+    for task_id, [prediction] in predictions_of(client, project, before).items():
+        record = records[tasks[task_id]["data"]["record_id"]]
+        result = []
+        for item in json.loads(json.dumps(prediction["result"])):
+            if item["type"] == "textarea":
+                number = int(item["id"].rsplit("r", 1)[1])
+                truth = format_caption(**record["objects"][number - 1])
+                item["origin"] = "prediction" if item["value"]["text"] == [truth] else "prediction-changed"
+                item["value"]["text"] = [truth]
+            else:
+                item["origin"] = "prediction"
+            result.append(item)
+        client.create_annotation(task_id, result, parent_prediction=prediction["id"])
+    began = time.monotonic()
     client.start_training(project.ml_backend)
-    after = wait_until(lambda: (v := stack.exec("worker", "cat", "/models/current").strip()) != before and v, 1800,
-                       "a new current version", poll_s=5)  # fmt: skip
-    reloaded = 'import json, urllib.request; print(json.load(urllib.request.urlopen("http://127.0.0.1:9090/health"))["model_version"])'
+    after = wait_until(
+        lambda: (v := current_version(stack)) != before and v, 1800, "a new current version", poll_s=5
+    )
+    FIGURES["training to a new version"] = f"{time.monotonic() - began:.0f} s"
+    reloaded = (
+        "import json, urllib.request; "
+        "print(json.load(urllib.request.urlopen('http://127.0.0.1:9090/health'))['model_version'])"
+    )
     wait_until(lambda: stack.exec("backend", "python3", "-c", reloaded, check=False).strip() == after, 600,
                "the worker serving the new version", poll_s=5)  # fmt: skip
 
@@ -166,11 +198,13 @@ def test_start_training_gives_a_new_version_the_worker_reloads(
 def test_redis_restarted_during_a_bulk_prelabel_loses_no_job(
     client: LabelStudioClient, world: Path, stack: ComposeStack
 ) -> None:
+    version = current_version(stack)
     setup = _project(client, world, "redis-restart")
     client.retrieve_predictions(setup.project)
     stack.run("restart", "redis", timeout=120)
-    done = wait_until(lambda: (p := predictions_of(client, setup)) and all(p.values()) and p, 900,
-                      "every task has a prediction after the restart", poll_s=2)  # fmt: skip
+    done = wait_until(
+        lambda: every_task_predicted(client, setup, version), 900, "every task predicted", poll_s=2
+    )
     assert all(len(found) == 1 for found in done.values()), {task: len(found) for task, found in done.items()}
 
 
@@ -180,12 +214,14 @@ def test_a_killed_worker_job_is_run_by_a_second_worker(
     stack.run("up", "--detach", "--no-build", "--no-recreate", "--scale", "worker=2", "worker", timeout=600)
     wait_until(lambda: sum(1 for line in stack.run("ps", "--format", "{{.Service}} {{.Health}}").splitlines()
                             if line == "worker healthy") == 2, 900, "two healthy workers", poll_s=5)  # fmt: skip
+    version = current_version(stack)
     setup = _project(client, world, "worker-kill")
     client.retrieve_predictions(setup.project)
     names = stack.run("ps", "--format", "{{.Name}}", "worker").split()
     subprocess.run(["docker", "kill", names[0]], check=True, capture_output=True)
-    done = wait_until(lambda: (p := predictions_of(client, setup)) and all(p.values()) and p, 1200,
-                      "every task has a prediction after the kill", poll_s=2)  # fmt: skip
+    done = wait_until(
+        lambda: every_task_predicted(client, setup, version), 1200, "every task predicted", poll_s=2
+    )
     assert all(len(found) == 1 for found in done.values())
 
 
