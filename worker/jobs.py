@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from PIL import Image
 from rq import get_current_job
+from rq.exceptions import AbandonedJobError
 
 from backend.describe_jobs import describe_request
 from backend.images import ImageRejected, RecentImages, load_image
@@ -256,7 +257,8 @@ def prelabel_chunk(
 def prelabel_chunk_failed(job, connection: redis.Redis, error_type, error: BaseException, traceback) -> None:
     """RQ's failure callback of a chunk job (it runs before RQ decides on a retry): once the chunk will not
     be re-run, its tasks count as failed in the selection, with the error as their reason."""
-    if job.should_retry and is_transient(error):
+    # A dead worker's chunk (AbandonedJobError, from RQ's cleanup) is re-queued while it has retries.
+    if job.should_retry and (is_transient(error) or isinstance(error, AbandonedJobError)):
         return
     chunk_failed(connection, job, f"the chunk failed: {error_type.__name__}: {error}"[:300])
 
