@@ -29,7 +29,7 @@ from devstack.provision import (
 )
 from roi_model.synthetic import format_caption
 from tests.compose.compose_stack import ROOT, ComposeStack, ensure_base_images, env_file, image_size_mb
-from tests.compose.conftest import full_run_or_skip
+from tests.compose.conftest import require_engine
 from tests.waiting import wait_until
 
 FILES = ("docker-compose.yml", "docker-compose.cpu.yml", "tests/compose/local-files.yml")
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
-    full_run_or_skip()
+    require_engine()
     began = time.monotonic()
     ensure_base_images("python", "redis", "label-studio")
     FIGURES["base images"] = f"{time.monotonic() - began:.0f} s"

@@ -63,8 +63,11 @@ def test_backend_builds_and_comes_up_with_redis(backend_stack: ComposeStack) -> 
         "backend", "import importlib.util as u; print('torch' if u.find_spec('torch') else 'no torch')"
     )
     # Redis runs as configured: AOF on, noeviction.
-    info = backend_stack.exec("redis", "redis-cli", "config", "get", "*").split()
-    settings = dict(zip(info[::2], info[1::2], strict=False))
-    assert settings["appendonly"] == "yes" and settings["maxmemory-policy"] == "noeviction"
+    # One key per call: `config get *` holds empty values, which a whitespace split would misalign.
+    settings = {
+        key: backend_stack.exec("redis", "redis-cli", "config", "get", key).splitlines()[-1].strip()
+        for key in ("appendonly", "maxmemory-policy")
+    }
+    assert settings == {"appendonly": "yes", "maxmemory-policy": "noeviction"}
     print(f"\ncompose fast subset: backend build {built_s:.0f} s, up --wait {up_s:.0f} s, "
           f"image {image_size_mb('roi-label-backend'):.0f} MB")  # fmt: skip
