@@ -175,16 +175,21 @@ class RegionEngine:
         return stats
 
     # ---------------------------------------------------------------------------------------------
-    def answer(self, requests: Sequence[ImageRequest]) -> list[list[Answer]]:
-        """Every answer of every request, in order. Bad input raises ValueError before any work."""
+    def answer(self, requests: Sequence[ImageRequest], *, remember: bool = True) -> list[list[Answer]]:
+        """Every answer of every request, in order. Bad input raises ValueError before any work.
+
+        remember=False answers from the caches but adds nothing to them: bulk pre-labeling sees each image
+        once, and must neither grow with the selection nor evict the images annotators are working on.
+        """
         rows_per_request = [self._tokenize(index, request) for index, request in enumerate(requests)]
         rows = [row for rows in rows_per_request for row in rows]
         answers: list[Answer] = []
         with torch.inference_mode():
             keys = [image_key(request.image) for request in requests]
-            features = self._image_features(requests, keys)
+            features = self._image_features(requests, keys, remember)
             for start in range(0, len(rows), self.max_batch_rows):
-                answers += self._answer_rows(rows[start : start + self.max_batch_rows], keys, features)
+                batch = rows[start : start + self.max_batch_rows]
+                answers += self._answer_rows(batch, keys, features, remember)
         results, position = [], 0
         for rows in rows_per_request:
             results.append(answers[position : position + len(rows)])
@@ -212,7 +217,9 @@ class RegionEngine:
         return input_ids.index(self.image_end_id) + 1
 
     # image features ------------------------------------------------------------------------------
-    def _image_features(self, requests: Sequence[ImageRequest], keys: list[str]) -> dict[str, ImageFeatures]:
+    def _image_features(
+        self, requests: Sequence[ImageRequest], keys: list[str], remember: bool
+    ) -> dict[str, ImageFeatures]:
         found = {key: self.features.get(key) for key in dict.fromkeys(keys)}
         missing = [key for key, value in found.items() if value is None]
         if missing:
@@ -221,12 +228,13 @@ class RegionEngine:
             computed = self.model.get_image_features(pixels.to(self.device))
             for index, key in enumerate(missing):
                 found[key] = computed.select([index])
-                self.features.put(key, found[key])
+                if remember:
+                    self.features.put(key, found[key])
         return found
 
     # prefix KV cache -----------------------------------------------------------------------------
     def _prefix_caches(
-        self, prefix_ids: list[int], keys: list[str], features: dict[str, ImageFeatures]
+        self, prefix_ids: list[int], keys: list[str], features: dict[str, ImageFeatures], remember: bool
     ) -> dict[str, KVLayers]:
         found = {key: self.prefixes.get(key) for key in dict.fromkeys(keys)}
         missing = [key for key, value in found.items() if value is None]
@@ -237,18 +245,20 @@ class RegionEngine:
             output = self.model.language_model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             layers = _cache_layers(output.cache)
             for index, key in enumerate(missing):
-                found[key] = [(k[index : index + 1], v[index : index + 1]) for k, v in layers]
-                self.prefixes.put(key, found[key])
+                # A copy, not a view: a view would keep the whole batch's KV alive behind one entry's bytes.
+                found[key] = [(k[index : index + 1].clone(), v[index : index + 1].clone()) for k, v in layers]
+                if remember:
+                    self.prefixes.put(key, found[key])
         return found
 
     # one batch of questions ----------------------------------------------------------------------
     def _answer_rows(
-        self, rows: list[_Row], keys: list[str], features: dict[str, ImageFeatures]
+        self, rows: list[_Row], keys: list[str], features: dict[str, ImageFeatures], remember: bool
     ) -> list[Answer]:
         # every question on every image shares the same prefix token ids (the image is a placeholder)
         prefix_ids = self._shared_prefix_ids()
         row_keys = [keys[row.image_index] for row in rows]
-        prefixes = self._prefix_caches(prefix_ids, row_keys, features)
+        prefixes = self._prefix_caches(prefix_ids, row_keys, features, remember)
         prefix_length = len(prefix_ids)
 
         # the region encoder once for all boxes: grouped by image, rows ordered image by image

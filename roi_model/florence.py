@@ -106,7 +106,8 @@ class FlorenceRegionModel:
         return [self.tokenizer.eos_token_id] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     @torch.inference_mode()
-    def answer(self, requests: Sequence[ImageRequest]) -> list[list[Answer]]:
+    def answer(self, requests: Sequence[ImageRequest], *, remember: bool = True) -> list[list[Answer]]:
+        del remember  # nothing is cached between calls
         for request in requests:
             for query in request.queries:
                 check_boxes(query.boxes)

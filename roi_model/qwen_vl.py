@@ -215,7 +215,8 @@ class QwenVLRegionModel:
         return ids if im_end is None or im_end in ids else [*ids, im_end]
 
     @torch.inference_mode()
-    def answer(self, requests: Sequence[ImageRequest]) -> list[list[Answer]]:
+    def answer(self, requests: Sequence[ImageRequest], *, remember: bool = True) -> list[list[Answer]]:
+        del remember  # nothing is cached between calls
         for request in requests:  # bad input raises before any work
             for query in request.queries:
                 check_boxes(query.boxes)

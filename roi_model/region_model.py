@@ -52,8 +52,11 @@ class RegionModel(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def answer(self, requests: Sequence[ImageRequest]) -> list[list[Answer]]:
-        """Every answer of every request (one image, many region questions), in order."""
+    def answer(self, requests: Sequence[ImageRequest], *, remember: bool = True) -> list[list[Answer]]:
+        """Every answer of every request (one image, many region questions), in order.
+
+        remember=False: add nothing to any cache kept between calls (bulk work that sees each image once).
+        """
         ...
 
     def stats(self) -> dict: ...

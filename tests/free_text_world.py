@@ -81,7 +81,7 @@ class ScriptedModel:
             for turns, regions, kind in question_rows(record, split=True)
         ]
 
-    def answer(self, requests) -> list[list[_Answer]]:
+    def answer(self, requests, *, remember: bool = True) -> list[list[_Answer]]:
         results = []
         for request in requests:
             results.append([_Answer(self._queue.pop(0)) for _ in request.queries])

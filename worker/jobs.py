@@ -180,7 +180,8 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
                     else:
                         planned.append(plan)
         progress.report("answering", done=start, total=len(wanted))
-        answers = engine.answer([engine_request(p.request, p.image) for p in planned]) if planned else []
+        requests = [engine_request(p.request, p.image) for p in planned]
+        answers = engine.answer(requests, remember=False) if planned else []
         for plan, task_answers in zip(planned, answers, strict=True):
             _write_prediction(client, scheme, plan, task_answers, version, summary, claims)
         progress.report("answering", done=min(start + group, len(wanted)), total=len(wanted))

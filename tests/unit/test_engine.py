@@ -113,6 +113,27 @@ def test_caches_stay_within_their_byte_budget(tiny):
     assert engine.features.peak_bytes <= engine.features.max_bytes
 
 
+def test_bulk_answers_add_nothing_to_the_caches_and_match_remembered_ones(tiny):
+    model, processor = tiny
+    requests = mixed_requests()
+    expected = RegionEngine(model, processor).answer(requests)
+    engine = RegionEngine(model, processor)
+    assert same_answers(engine.answer(requests, remember=False), expected)
+    assert engine.features.entries == {} and engine.prefixes.entries == {}
+    assert engine.features.peak_bytes == engine.prefixes.peak_bytes == 0
+
+
+def test_a_cached_prefix_holds_its_own_rows_only(tiny):
+    # The bytes an entry is charged are the bytes it keeps alive: a view into the batch's KV would keep
+    # every image of the batch alive behind the budget's back.
+    model, processor = tiny
+    engine = RegionEngine(model, processor)
+    engine.answer(mixed_requests())
+    for entry, charged in engine.prefixes.entries.values():
+        held = sum(t.untyped_storage().nbytes() for layer in entry for t in layer)
+        assert held == charged
+
+
 def test_lru_evicts_the_least_recently_used():
     cache = ByteBoundedLRU(max_bytes=3 * 4 * 10)  # room for three 10-float tensors
     for key in "abc":
