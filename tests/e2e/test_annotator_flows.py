@@ -140,6 +140,7 @@ def test_reasoning_answers_once_the_boxes_its_question_names_are_drawn(
         task_id,
         [{"draw": canvas_box(record, 0)}, {"draw": canvas_box(record, 1)}],
         shot,
+        submit=True,
     )
 
     first, second = report["steps"]
@@ -151,6 +152,15 @@ def test_reasoning_answers_once_the_boxes_its_question_names_are_drawn(
     assert len(context) == 2
     assert len(report["regions"]) == 2
     assert second["call"]["ms"] < ANSWER_WITHIN_MS
+    # Both boxes are stored where they were drawn: accepting the answer moves or hides neither.
+    [annotation] = client.get_tasks(setup.project, [task_id])[0]["annotations"]
+    stored = [item["value"] for item in annotation["result"] if item["type"] == "rectanglelabels"]
+    drawn = [canvas_box(record, 0), canvas_box(record, 1)]
+    assert len(stored) == 2, annotation["result"]
+    for value, (x1, y1, x2, y2) in zip(sorted(stored, key=lambda v: v["x"]), sorted(drawn), strict=True):
+        assert [value["x"], value["y"], value["width"], value["height"]] == pytest.approx(
+            [100 * x1, 100 * y1, 100 * (x2 - x1), 100 * (y2 - y1)], abs=1.0
+        ), annotation["result"]
     save_screenshot(shot, "multi_region_reasoning")
     require_demo_model(served_model)
     first_box, second_box = record["regions"][:2]
