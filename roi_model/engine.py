@@ -144,6 +144,8 @@ class RegionEngine:
         self.max_batch_rows = max_batch_rows
         self.eos_ids = eos_token_ids(model)
         self.image_end_id = model.config.image_end_token_id
+        # The LoRA adapter answering now (roi_model.adapters; "" the base): prefix KV caches are its own.
+        self.variant = ""
 
     @classmethod
     def from_pretrained(
@@ -225,10 +227,15 @@ class RegionEngine:
         return found
 
     # prefix KV cache -----------------------------------------------------------------------------
+    def forget_variant(self, variant: str) -> None:
+        """Drop the prefix caches computed under an adapter that is unloaded."""
+        for key in [key for key in self.prefixes.entries if key.startswith(f"{variant}|")]:
+            self.prefixes.bytes -= self.prefixes.entries.pop(key)[1]
+
     def _prefix_caches(
         self, prefix_ids: list[int], keys: list[str], features: dict[str, ImageFeatures]
     ) -> dict[str, KVLayers]:
-        found = {key: self.prefixes.get(key) for key in dict.fromkeys(keys)}
+        found = {key: self.prefixes.get(f"{self.variant}|{key}") for key in dict.fromkeys(keys)}
         missing = [key for key, value in found.items() if value is None]
         if missing:
             ids = torch.tensor([prefix_ids] * len(missing), device=self.device)
@@ -238,7 +245,7 @@ class RegionEngine:
             layers = _cache_layers(output.cache)
             for index, key in enumerate(missing):
                 found[key] = [(k[index : index + 1], v[index : index + 1]) for k, v in layers]
-                self.prefixes.put(key, found[key])
+                self.prefixes.put(f"{self.variant}|{key}", found[key])
         return found
 
     # one batch of questions ----------------------------------------------------------------------
