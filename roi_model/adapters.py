@@ -162,4 +162,5 @@ class AdapterSet:
         self.activate(name)
         self.engine.model.language_model = self._peft.merge_and_unload()
         self._peft = None
+        self.loaded = {}
         self.merged = name
