@@ -200,31 +200,40 @@ class ModelHost:
                 merged.version if merged is not None and merged.base == self._version else self.version,
             )
         serving = self.registry.serving(project) if project is not None else None
-        if serving is None or serving.adapter is None or serving.base != self._version:
+        if serving is None or serving.base != self._version:
+            serving = Serving(self.version, project)  # the loaded base (a new one loads before the next job)
+        elif self._published.get(str(project), serving.version) != serving.version:
+            self.publish()  # a promotion or a rollback since the last snapshot: the backend's /setup learns it
+        if serving.adapter is None:
             if self._adapters is not None:
                 self._adapters.activate(None)
-            return engine, self.version
+            return engine, serving.version
         name = f"p{project}-{serving.adapter}"
         if self._cache.get(name) is None:
-            adapters = self._adapter_set()
-            seconds = adapters.load(name, self.registry.lineage(project).path(serving.adapter))
-            self.adapter_loads += 1
-            self.adapter_load_seconds.append(seconds)
-            size = adapters.loaded[name]
-            if size > self.adapter_cache_bytes:
-                adapters.unload(name)
-                raise ValueError(
-                    f"adapter {serving.version} takes {size} bytes, more than the whole adapter cache "
-                    f"(ROI_ADAPTER_CACHE_BYTES={self.adapter_cache_bytes})"
-                )
-            self._cache[name] = size  # evicts (unloads) the least recently used beyond the budget
-            log.info(
-                "project %s: loaded adapter %s in %.2f s (%d bytes)", project, serving.adapter, seconds, size
-            )
+            self._load_adapter(name, serving)
         self._adapters.activate(name)
-        if self._published.get(str(project)) != serving.version:
-            self.publish()  # a promotion or a rollback since the last snapshot: the backend's /setup learns it
         return engine, serving.version
+
+    def _load_adapter(self, name: str, serving: Serving) -> None:
+        adapters = self._adapter_set()
+        seconds = adapters.load(name, self.registry.lineage(serving.project).path(serving.adapter))
+        self.adapter_loads += 1
+        self.adapter_load_seconds.append(seconds)
+        size = adapters.loaded[name]
+        if size > self.adapter_cache_bytes:
+            adapters.unload(name)
+            raise ValueError(
+                f"adapter {serving.version} takes {size} bytes, more than the whole adapter cache "
+                f"(ROI_ADAPTER_CACHE_BYTES={self.adapter_cache_bytes})"
+            )
+        self._cache[name] = size  # evicts (unloads) the least recently used beyond the budget
+        log.info(
+            "project %s: loaded adapter %s in %.2f s (%d bytes)",
+            serving.project,
+            serving.adapter,
+            seconds,
+            size,
+        )
 
     def answer(self, items: list[tuple[int | None, ImageRequest]]) -> list[tuple[list, str]]:
         """Answers of requests of several projects, each with its project's adapter: one engine call per
