@@ -12,10 +12,11 @@ all cards) to Redis for the backend's /setup and /versions, which cannot read th
 Projects (issue 22): the base is loaded once; `serve(project)` answers as the project is served now
 (worker/registry.py), with its LoRA adapter when it has one. Adapters are loaded on first use into a cache
 bounded in bytes of adapter weights (ROI_ADAPTER_CACHE_BYTES, least recently used evicted first), so a
-project's calls after its first pay no load; switching between loaded adapters is peft's set_adapter.
+project's calls after its first pay no load; switching between loaded adapters writes the active one's
+weights into one slot (roi_model/adapters.py: no per-token cost).
 `answer` splits a batch that mixes projects into one engine call per adapter. A worker given
 `merge_project` (ROI_MERGE_PROJECT) serves that one project with its adapter merged into the weights
-(peft's merge_and_unload: no adapter cost at all) and refuses every other project.
+(no slot, no switching) and refuses every other project.
 
 Job functions reach the host of their process through worker.process_context.
 """

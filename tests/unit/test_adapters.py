@@ -97,6 +97,25 @@ def test_each_adapter_answers_as_itself_and_switched_off_the_base_answers_bit_fo
     assert type(engine.model.language_model).__name__ == "LlamaForCausalLM"
 
 
+def test_an_active_adapter_answers_as_peft_applies_it(world, adapters):
+    from peft import PeftModel
+
+    requests = requests_of(world)
+    with_peft = load_region_model(DEMO)
+    PeftModel.from_pretrained(with_peft.model.language_model, str(adapters["a"]))  # LoRA layers, in place
+    expected = with_peft.answer(requests)
+    engine = load_region_model(DEMO)
+    loaded = AdapterSet(engine)
+    loaded.load("a", adapters["a"])
+    loaded.activate("a")
+    got = engine.answer(requests)
+    assert texts(got) == texts(expected)
+    assert [a.score for r in got for a in r] == pytest.approx(
+        [a.score for r in expected for a in r], abs=1e-4
+    )
+    assert loaded.slot_bytes > 0 and loaded.loaded["a"] < loaded.slot_bytes
+
+
 def test_a_merged_adapter_answers_as_the_adapter_and_refuses_others(world, adapters):
     requests = requests_of(world)
     engine = load_region_model(DEMO)
