@@ -101,6 +101,7 @@ class AdapterSet:
                 "(ROI_FINETUNE_LINEAGE=global)"
             )
         self.engine = engine
+        self._layers = dict(engine.model.language_model.named_modules())  # looked up at every switch
         self._deltas: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         self._base: dict[str, torch.nn.Parameter] = {}  # layer name -> the base's own weight
         self._slots: dict[str, torch.nn.Parameter] = {}  # layer name -> W + scale * B @ A of the active one
@@ -128,7 +129,7 @@ class AdapterSet:
             raise AdapterError(f"{directory}: DoRA, per-layer ranks and fan_in_fan_out are not served")
         scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         weights = load_peft_weights(str(directory), device=str(self.engine.device))
-        layers = dict(self.engine.model.language_model.named_modules())
+        layers = self._layers
         deltas = {}
         for key, down in weights.items():
             if not key.endswith(".lora_A.weight"):
@@ -172,9 +173,10 @@ class AdapterSet:
             raise AdapterError(f"this model has adapter {self.merged!r} merged in: it answers only as that")
         if name == self.active:
             return
-        layers = dict(self.engine.model.language_model.named_modules())
-        for layer_name, weight in self._base.items():  # every layer back to the base's own weight
-            layers[layer_name].weight = weight
+        layers = self._layers
+        if self.active is not None and self.merged is None:  # its layers back to the base's own weights
+            for layer_name in self._deltas[self.active]:
+                layers[layer_name].weight = self._base[layer_name]
         if name is not None and self.merged is None:
             for layer_name, (down, up, scale) in self._deltas[name].items():
                 layer = layers[layer_name]
@@ -195,7 +197,7 @@ class AdapterSet:
         if name not in self.loaded:
             raise AdapterError(f"adapter {name!r} is not loaded")
         self.activate(None)  # every layer on the base's own weight again
-        layers = dict(self.engine.model.language_model.named_modules())
+        layers = self._layers
         for layer_name, (down, up, scale) in self._deltas[name].items():
             layers[layer_name].weight.data.addmm_(up, down, alpha=scale)
         for other in list(self.loaded):
