@@ -9,6 +9,13 @@ and loses at most the tolerance on replay. Per kind the gate compares one metric
 a region almost never match exactly; the project's training settings may choose others and set the
 tolerances (roi_contract.project.GateSettings). Every run, promoted or not, is recorded in $MODEL_DIR/trainings.jsonl with its
 figures and the reason for the decision; a promoted version carries them in its card.
+
+Lineages (worker/registry.py, ROI_FINETUNE_LINEAGE): by default a run trains a LoRA adapter of the project
+on the shared base (the language model's LoRA weights alone), compares base + candidate adapter with what
+the project is served now (the base, or base + its adapter), and promotes it in the project's lineage only.
+Such a run is also refused when the base's weight files changed while it ran or the adapter holds weights
+that are not LoRA's (base_untouched), and the scoring checks that the base's weights in memory are the
+same after the candidate is unloaded. With "global" a run trains a new base for every project, as before.
 """
 
 from __future__ import annotations
