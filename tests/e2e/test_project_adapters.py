@@ -2,7 +2,10 @@
 
 Project A's reviewer teaches purple (the demo model never saw it); project B's reviewer teaches a caption
 convention of B's own, without the size word ("a red circle", where the demo model says "a large red
-circle"), on tasks without purple. Both press Start Training. Afterwards, on tasks neither reviewer
+circle"), on tasks without purple. B's convention contradicts the captions of the replay sample (the demo
+world's) by design, so B's project settings replay fewer images and let the replay captions move (a
+replay tolerance of 10 %, roi_contract.project.GateSettings); A keeps the defaults. Both press Start
+Training. Afterwards, on tasks neither reviewer
 annotated: A's proposals have purple and keep the size word; B's drop the size word and still do not know
 purple; one worker process answered every prediction of both projects; the base is still served, unchanged.
 """
@@ -127,6 +130,19 @@ def test_two_projects_learn_their_own_adapters_served_by_one_worker(stack_of_one
     assert share([p for p in before_a if p[0]["colour"] == "purple"], purple_right)[0] < 0.40
     assert share([p for p in before_b if p[0]["colour"] != "purple"], b_right)[0] < 0.10
 
+    with stack.redis() as connection:
+        # Label Studio 1.23.2 fails an update without `url` and `project` (HTTP 500 in its health check).
+        client.sdk.ml.update(
+            b.ml_backend,
+            url=stack.backend_url,
+            project=b.project,
+            extra_params={"train": {"replay_images": 100, "gate": {"replay_tolerance": 0.1}}},
+        )
+        wait_until(
+            lambda: b"replay_tolerance" in (connection.get(f"roi:project:{b.project}:setup") or b""),
+            30,
+            "B's extra params reaching the backend",
+        )
     client.start_training(a.ml_backend)
     client.start_training(b.ml_backend)
     runs = {}
@@ -157,7 +173,7 @@ def test_two_projects_learn_their_own_adapters_served_by_one_worker(stack_of_one
     (stack.state_dir / "adapters_figures.json").write_text(json.dumps(figures, indent=2))
     assert figures["A purple accepted"][1][0] >= 0.85, figures
     assert figures["A others accepted"][1][0] >= figures["A others accepted"][0][0] - 0.02, figures
-    assert figures["B convention"][1][0] >= 0.85, figures
+    assert figures["B convention"][1][0] >= figures["B convention"][0][0] + 0.5, figures
     assert figures["B purple named"][1][0] <= max(figures["B purple named"][0][0], 0.10), figures
 
     # One worker process made every prediction of both projects.
