@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None, *, job_names: JobNames | None =
             raise BadRequest(str(exc)) from None
         scheme_from_config(body.get("schema"), settings_of_project.controls)  # UnsupportedConfig -> 400
         project_state.save_setup(fast, project_id, settings_of_project, body.get("hostname"))
-        version = served_version(fast, heartbeats.live_workers(fast))
+        version = served_version(fast, heartbeats.live_workers(fast), project_id)
         if version is None:
             # Label Studio marks a backend Connected on any 2xx; without a model there is nothing to serve.
             return jsonify(
@@ -193,9 +193,10 @@ def _on_latest_selection(
     )
 
 
-def served_version(connection: redis.Redis, workers: list[dict]) -> str | None:
-    """The registry's current version, else the version a live worker reports, else None."""
-    current = registry_snapshot.read(connection).get("current")
+def served_version(connection: redis.Redis, workers: list[dict], project: int | None = None) -> str | None:
+    """The version the registry serves to `project` (its adapter's, else the base), else the version a live
+    worker reports, else None."""
+    current = registry_snapshot.project_version(registry_snapshot.read(connection), project)
     if current:
         return current
     return next((w["model_version"] for w in workers if w.get("model_version")), None)

@@ -163,6 +163,11 @@ def failed(reason: str) -> dict[str, Any]:
     return {"error": reason}
 
 
+def for_project(request: DescribeRequest, project_id: int) -> DescribeRequest:
+    """The request as the project asks it: answered with the project's adapter, a job of its own."""
+    return request.model_copy(update={"project": project_id})
+
+
 def describe_job_id(request: DescribeRequest) -> str:
     """The same id for the same describe payload."""
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -214,7 +219,7 @@ class Predictor:
         if plan.waiting is not None:
             log.info("project %s task %s: interactive: %s", call.project_id, plan.task_id, plan.waiting)
             return {"status": "waiting", "reason": plan.waiting}
-        job, _ = self._submit_describe(plan)
+        job, _ = self._submit_describe(plan, call.project_id)
         task_plan = TaskPlan(plan.task_id, plan.regions, plan.request)
         outcome = self._collect(task_plan, job, scheme, time.monotonic() + self.timeout_s, kept=plan.kept)
         if "error" not in outcome:
@@ -237,7 +242,7 @@ class Predictor:
         to_describe = [plan for plan in plans if plan.request is not None]
         if len(to_describe) <= self.inline_tasks:
             deadline = time.monotonic() + self.timeout_s
-            jobs = [(plan, self._submit_describe(plan)[0]) for plan in to_describe]
+            jobs = [(plan, self._submit_describe(plan, call.project_id)[0]) for plan in to_describe]
             for plan, job in jobs:
                 plan.outcome = self._collect(plan, job, scheme, deadline)
         else:
@@ -255,7 +260,9 @@ class Predictor:
         pending = []
         for start in range(0, len(plans), self.chunk_tasks):
             page = plans[start : start + self.chunk_tasks]
-            values = finished_return_values(self.connection, [describe_job_id(p.request) for p in page])
+            values = finished_return_values(
+                self.connection, [describe_job_id(for_project(p.request, call.project_id)) for p in page]
+            )
             for plan, (ready, answer) in zip(page, values, strict=True):
                 if ready:
                     plan.outcome = self._prediction(plan, answer, scheme)
@@ -284,8 +291,8 @@ class Predictor:
         for plan in pending:
             plan.outcome = {"status": "queued", "selection": status["selection"]}
 
-    def _submit_describe(self, plan: TaskPlan) -> tuple[Job, bool]:
-        request = plan.request
+    def _submit_describe(self, plan: TaskPlan, project_id: int) -> tuple[Job, bool]:
+        request = for_project(plan.request, project_id)
         return submit_once(
             self.connection,
             INTERACTIVE,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from roi_contract.describe import DEFAULT_MAX_NEW_TOKENS
 
+LINEAGES = ("project", "global")
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value its setting cannot take."""
@@ -57,6 +59,13 @@ class Settings:
     train_schedule: str = ""
     # Devices one fine-tune trains on: more than 1 runs `roi-model train` data-parallel under torchrun.
     train_devices: int = 1
+    # What a project's fine-tune makes (worker/registry.py): "project", a LoRA adapter of that project on the
+    # shared base, promoted for that project alone; "global", a new base served to every project.
+    finetune_lineage: str = "project"
+    # Bytes of LoRA adapter weights a worker keeps loaded (least recently used evicted first).
+    adapter_cache_bytes: int = 1 << 30
+    # A worker that serves this one project with its adapter merged into the weights (None: every project).
+    merge_project: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +93,12 @@ class Settings:
             return value
 
         root = get("ROI_LOCAL_FILES_ROOT")
+        lineage = get("ROI_FINETUNE_LINEAGE", cls.finetune_lineage)
+        if lineage not in LINEAGES:
+            raise SettingsError(f"ROI_FINETUNE_LINEAGE={lineage!r}: use {' or '.join(LINEAGES)}")
+        merge = get("ROI_MERGE_PROJECT")
+        if merge and not merge.isdigit():
+            raise SettingsError(f"ROI_MERGE_PROJECT={merge!r} must be a Label Studio project id")
         return cls(
             label_studio_url=(
                 get("LABEL_STUDIO_URL") or get("LABEL_STUDIO_HOST") or cls.label_studio_url
@@ -107,4 +122,7 @@ class Settings:
             train_every_annotations=number("ROI_TRAIN_EVERY", int, cls.train_every_annotations),
             train_schedule=get("ROI_TRAIN_SCHEDULE"),
             train_devices=positive("ROI_TRAIN_DEVICES", cls.train_devices),
+            finetune_lineage=lineage,
+            adapter_cache_bytes=positive("ROI_ADAPTER_CACHE_BYTES", cls.adapter_cache_bytes),
+            merge_project=int(merge) if merge else None,
         )

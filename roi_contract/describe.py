@@ -3,13 +3,14 @@
     {"image": {"url": "/data/upload/3/abc.jpg", "task_id": 17},
      "regions": [{"id": "r1", "box": [0.10, 0.20, 0.45, 0.60]}],
      "questions": [{"id": "r1:caption", "text": "Describe <region1> briefly.", "regions": ["r1"]}],
-     "max_new_tokens": 48}
+     "max_new_tokens": 48, "project": 3}
 
 A box is [x1, y1, x2, y2] in 0..1 of the displayed image. `<regionK>` in a question's text is the K-th id
 of that question's "regions"; every listed region must be mentioned, since the model reads a box only
 where its text names it. The result is {"model_version", "answers": [{"id", "text", "score", "truncated"}]}:
 one answer per question, in question order; `score` is the mean token log-probability, `truncated` says
-that max_new_tokens ended the answer before the model did.
+that max_new_tokens ended the answer before the model did. `project` (optional) is the Label Studio project
+asking: the worker answers with that project's adapter (worker/registry.py), the base when it has none.
 
 Every size is capped here, so a request that passes costs a bounded amount of memory and time wherever it
 goes; the backend parses a request before it enqueues it, the worker again when it takes it.
@@ -104,6 +105,7 @@ class DescribeRequest(ContractModel):
     regions: Annotated[list[RegionBox], Field(max_length=MAX_REGIONS)]
     questions: Annotated[list[Question], Field(min_length=1, max_length=MAX_QUESTIONS)]
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_LIMIT)] = DEFAULT_MAX_NEW_TOKENS
+    project: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> DescribeRequest:

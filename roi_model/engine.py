@@ -144,6 +144,8 @@ class RegionEngine:
         self.max_batch_rows = max_batch_rows
         self.eos_ids = eos_token_ids(model)
         self.image_end_id = model.config.image_end_token_id
+        # The LoRA adapter answering now (roi_model.adapters; "" the base): prefix KV caches are its own.
+        self.variant = ""
 
     @classmethod
     def from_pretrained(
@@ -233,10 +235,15 @@ class RegionEngine:
         return found
 
     # prefix KV cache -----------------------------------------------------------------------------
+    def forget_variant(self, variant: str) -> None:
+        """Drop the prefix caches computed under an adapter that is unloaded."""
+        for key in [key for key in self.prefixes.entries if key.startswith(f"{variant}|")]:
+            self.prefixes.bytes -= self.prefixes.entries.pop(key)[1]
+
     def _prefix_caches(
         self, prefix_ids: list[int], keys: list[str], features: dict[str, ImageFeatures], remember: bool
     ) -> dict[str, KVLayers]:
-        found = {key: self.prefixes.get(key) for key in dict.fromkeys(keys)}
+        found = {key: self.prefixes.get(f"{self.variant}|{key}") for key in dict.fromkeys(keys)}
         missing = [key for key, value in found.items() if value is None]
         if missing:
             ids = torch.tensor([prefix_ids] * len(missing), device=self.device)
@@ -248,7 +255,7 @@ class RegionEngine:
                 # A copy, not a view: a view would keep the whole batch's KV alive behind one entry's bytes.
                 found[key] = [(k[index : index + 1].clone(), v[index : index + 1].clone()) for k, v in layers]
                 if remember:
-                    self.prefixes.put(key, found[key])
+                    self.prefixes.put(f"{self.variant}|{key}", found[key])
         return found
 
     # one batch of questions ----------------------------------------------------------------------

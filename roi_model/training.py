@@ -7,7 +7,8 @@ model is asked at inference), and every row of a record shares one pass of the v
 Stages, as in GPT4RoI: "region" trains the region encoder only; "projector" adds the image
 projector; "lora" adds LoRA adapters on the LLM (merged into the weights at the end); "full"
 trains everything but the vision tower; "scratch" trains everything (a model built from config,
-where nothing is pretrained).
+where nothing is pretrained). With `adapter_only` the "lora" stage trains the LoRA adapters alone and writes
+them unmerged (a peft adapter directory, roi_model/adapters.py): a project's adapter on the shared base.
 
 Several processes: run under `torchrun --nproc_per_node N` (or `accelerate launch`), one process per
 device, and the Trainer trains data-parallel (DDP; gloo on CPUs, NCCL on GPUs; FSDP for the "full" stage on
@@ -75,6 +76,7 @@ class TrainOptions:
     keep_checkpoints: bool = False
     extra_vocabulary: list[str] = field(default_factory=list)
     device: str | None = None
+    adapter_only: bool = False  # "lora" stage: train and write the LoRA adapter alone, not a merged model
     on_log: Callable[[dict], None] | None = None  # called with each logged step's figures (progress reports)
 
     def __post_init__(self):
@@ -82,6 +84,8 @@ class TrainOptions:
             raise ValueError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
         if (self.init is None) == (self.config is None):
             raise ValueError("give exactly one of --init (a model directory) or --config (a named config)")
+        if self.adapter_only and (self.stage != "lora" or self.init is None):
+            raise ValueError("an adapter alone is trained by the lora stage from a model directory (--init)")
 
 
 # data ---------------------------------------------------------------------------------------------------
@@ -230,8 +234,8 @@ def apply_stage(model: RegionLLMForCausalLM, options: TrainOptions) -> RegionLLM
     """Freeze what the stage does not train; wrap the LLM with LoRA adapters for the "lora" stage."""
     model.requires_grad_(options.stage == "scratch")
     model.config.freeze_vision_tower = options.stage != "scratch"
-    model.region_encoder.requires_grad_(True)
-    if options.stage in ("projector", "lora", "full"):
+    model.region_encoder.requires_grad_(not options.adapter_only)
+    if options.stage in ("projector", "lora", "full") and not options.adapter_only:
         model.mm_projector.requires_grad_(True)
     if options.stage == "full":
         model.language_model.requires_grad_(True)
@@ -330,6 +334,8 @@ def train(options: TrainOptions) -> dict:
         from .families import detect_family
 
         if detect_family(options.init) != "region_llm":  # Qwen-VL: roi_model.family_training
+            if options.adapter_only:
+                raise ValueError(f"{options.init}: adapters alone are trained on region-LLM models only")
             from .family_training import train_family
 
             return train_family(options, records)
@@ -390,7 +396,11 @@ def train(options: TrainOptions) -> dict:
 
     final_eval = trainer.evaluate() if eval_records else {}  # every process takes part
     first_process = trainer.is_world_process_zero()
-    if first_process:
+    if first_process and options.adapter_only:
+        options.out.mkdir(parents=True, exist_ok=True)
+        trainer.accelerator.unwrap_model(trainer.model).language_model.save_pretrained(options.out)
+        plot_loss_curve(trainer.state.log_history, options.out / "loss_curve.png")
+    elif first_process:
         model = merge_adapters(trainer.accelerator.unwrap_model(trainer.model))
         model.config.freeze_vision_tower = True
         options.out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,13 @@ and loses at most the tolerance on replay. Per kind the gate compares one metric
 a region almost never match exactly; the project's training settings may choose others and set the
 tolerances (roi_contract.project.GateSettings). Every run, promoted or not, is recorded in $MODEL_DIR/trainings.jsonl with its
 figures and the reason for the decision; a promoted version carries them in its card.
+
+Lineages (worker/registry.py, ROI_FINETUNE_LINEAGE): by default a run trains a LoRA adapter of the project
+on the shared base (the language model's LoRA weights alone), compares base + candidate adapter with what
+the project is served now (the base, or base + its adapter), and promotes it in the project's lineage only.
+Such a run is also refused when the base's weight files changed while it ran or the adapter holds weights
+that are not LoRA's (base_untouched), and the scoring checks that the base's weights in memory are the
+same after the candidate is unloaded. With "global" a run trains a new base for every project, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from backend.ls_client import LabelStudioClient
 from backend.queues import connect
 from roi_contract.project import GateSettings
 from roi_contract.records import dataset_digest, is_held_out
+from roi_model.adapters import AdapterError, AdapterSet, check_adapter_dir, parameters_digest, weights_digest
 from roi_model.evaluation import evaluate_records
 from roi_model.families import load_region_model
 from roi_model.launch import train_in_processes
@@ -148,14 +156,25 @@ def gate(candidate: Scores, current: Scores, thresholds: GateThresholds | None =
 
 
 def finetune(project_id: int, reason: str = "requested") -> dict:
-    """The train-queue job: one fine-tuning run for a project (see the module docstring)."""
+    """The train-queue job: one fine-tuning run for a project (see the module docstring).
+
+    With ROI_FINETUNE_LINEAGE=project (the default) the run trains a LoRA adapter of the project on the
+    shared base, gated against what the project is served now and promoted for that project alone; with
+    "global" it trains a new base for every project (worker/registry.py)."""
     context = process_context.current()
     settings = context.settings
     progress = JobProgress()
     registry = ModelRegistry(settings.model_dir)
-    current = registry.current()
-    if current is None:
+    serving = registry.serving(project_id)
+    if serving is None:
         raise ValueError(f"no model version is served in {settings.model_dir}: nothing to fine-tune from")
+    per_project = settings.finetune_lineage == "project"
+    lineage = registry.lineage(project_id) if per_project else registry
+    current = serving.version if per_project else serving.base
+    base_dir = registry.path(serving.base)
+    base_card = registry.card(serving.base)
+    served_adapter = lineage.path(serving.adapter) if per_project and serving.adapter else None
+    base_digest = weights_digest(base_dir) if per_project else None
     connection = context.connection or connect(settings)
     params = project_state.load_settings(connection, project_id)
     options = {**DEFAULTS, **params.train.given()}
@@ -172,8 +191,13 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
             f"({export_report['records']} records); annotate more tasks first"
         )
     store = ReplayStore(settings.model_dir)
+    # What the served model learned from: the base's data, and in a project's lineage its adapter's too.
+    if per_project:
+        replay_card = lineage.card(serving.adapter) if serving.adapter else base_card
+    else:
+        replay_card = registry.card(current)
     replay_train, replay_eval = replay_sample(
-        registry.card(current), run_dir / "replay", options["replay_images"], store
+        replay_card, run_dir / "replay", options["replay_images"], store
     )
 
     progress.report("training", options=options)
@@ -187,8 +211,9 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         TrainOptions(
             data=[train_path, *([replay_train] if replay_train else [])],
             out=candidate_dir,
-            init=registry.path(current),
-            stage=options["stage"],
+            init=base_dir if per_project else registry.path(current),
+            stage="lora" if per_project else options["stage"],
+            adapter_only=per_project,
             steps=options["steps"],
             learning_rate=options["learning_rate"],
             warmup_steps=min(50, options["steps"] // 10),
@@ -200,12 +225,22 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
 
     progress.report("evaluating")
     thresholds = GateThresholds.from_settings(params.train.gate)
-    sets = replay_sets(store, registry.card(current))
-    current_scores = score(registry.path(current), held_out_path, replay_eval, thresholds.metrics, sets)
-    candidate_scores = score(candidate_dir, held_out_path, replay_eval, thresholds.metrics, sets)
+    sets = replay_sets(store, replay_card)
+    if per_project:
+        current_scores = score(base_dir, held_out_path, replay_eval, thresholds.metrics, sets, served_adapter)
+        candidate_scores = score(
+            base_dir, held_out_path, replay_eval, thresholds.metrics, sets, candidate_dir
+        )
+    else:
+        current_scores = score(registry.path(current), held_out_path, replay_eval, thresholds.metrics, sets)
+        candidate_scores = score(candidate_dir, held_out_path, replay_eval, thresholds.metrics, sets)
     promote, why = gate(candidate_scores, current_scores, thresholds)
     if summary["diverged"]:
         promote, why = False, f"training diverged (loss {summary['train_loss']}); {why}"
+    if per_project:
+        untouched = base_untouched(base_dir, base_digest, candidate_dir)
+        if untouched is not None:
+            promote, why = False, f"{untouched}; {why}"
     metrics = {
         "held_out_exact_match": candidate_scores.held_out,
         "replay_exact_match": candidate_scores.replay,
@@ -213,6 +248,7 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
     }
     run = {
         "project": project_id,
+        "lineage": "project" if per_project else "global",
         "reason": reason,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "parent": current,
@@ -235,36 +271,48 @@ def finetune(project_id: int, reason: str = "requested") -> dict:
         }
         replayed = (
             [{"project": None, "train": store.store(replay_train), "held_out": store.store(replay_eval)}]
-            if replay_train and replay_eval and not registry.card(current).get("datasets")
+            if replay_train and replay_eval and not replay_card.get("datasets")
             else []
         )
-        version = registry.publish(
+        extra = {
+            "training": {key: run[key] for key in ("project", "reason", "options", "served", "train_loss")},
+            "replay": {"kind": "files", "files": [str(path) for path in (train_path, replay_train) if path]},
+            # Every dataset this version learned from, stored content-addressed (worker/replay_store.py):
+            # the served version's, the replayed sample it started from, and this run's.
+            "datasets": _unique([*(replay_card.get("datasets") or []), *replayed, learned]),
+        }
+        if per_project:
+            extra.update(base=serving.base, base_digest=base_digest, project=project_id)
+        version = lineage.publish(
             candidate_dir,
-            parent=current,
+            parent=serving.adapter if per_project else current,
             metrics=metrics,
             dataset_digest=dataset_digest(train_path.read_bytes()),
-            extra={
-                "training": {
-                    key: run[key] for key in ("project", "reason", "options", "served", "train_loss")
-                },
-                "replay": {
-                    "kind": "files",
-                    "files": [str(path) for path in (train_path, replay_train) if path],
-                },
-                # Every dataset this version learned from, stored content-addressed (worker/replay_store.py):
-                # the served version's, the replayed sample it started from, and this run's.
-                "datasets": _unique([*(registry.card(current).get("datasets") or []), *replayed, learned]),
-            },
+            extra=extra,
         )
-        registry.promote(version)
-        run["promoted"] = version
-        log.info("finetune project=%s promoted %s: %s", project_id, version, why)
+        lineage.promote(version)
+        run["promoted"] = registry.serving(project_id).version if per_project else version
+        if per_project:
+            run["adapter"] = version
+        log.info("finetune project=%s promoted %s: %s", project_id, run["promoted"], why)
     else:
         log.warning("finetune project=%s kept %s: %s", project_id, current, why)
     registry.record_training_run(run)
-    registry_snapshot.publish(connection, registry.current(), registry.versions())
+    registry_snapshot.publish(connection, registry.current(), registry.versions(), registry.served_versions())
     progress.report("done", result=run)
     return run
+
+
+def base_untouched(base_dir: Path, digest_before: str, adapter_dir: Path) -> str | None:
+    """Why the candidate adapter would change the shared base (a sentence), or None when it cannot: the
+    base's weight files are as they were when the run started, and the adapter holds LoRA weights alone."""
+    if weights_digest(base_dir) != digest_before:
+        return f"the shared base's weights in {base_dir} changed during the run"
+    try:
+        check_adapter_dir(adapter_dir)
+    except AdapterError as error:
+        return str(error)
+    return None
 
 
 # data ---------------------------------------------------------------------------------------------------
@@ -340,8 +388,16 @@ def score(
     replay_eval: Path | None,
     metrics: dict[str, str] | None = None,
     sets: dict[str, Path] | None = None,
+    adapter: Path | None = None,
 ) -> Scores:
+    """The gate's figures of the model in `model_dir`, with the LoRA adapter in `adapter` when given; the
+    base's weights in memory must be unchanged after the adapter is unloaded (RuntimeError otherwise)."""
     engine = load_region_model(model_dir)
+    if adapter is not None:
+        before = parameters_digest(engine.model)
+        adapters = AdapterSet(engine)
+        adapters.load("candidate", adapter)
+        adapters.activate("candidate")
     scores = scores_of(
         engine,
         read_records([held_out]),
@@ -349,6 +405,10 @@ def score(
         metrics,
         sets={name: read_records([path]) for name, path in (sets or {}).items()},
     )
+    if adapter is not None:
+        adapters.unload("candidate")
+        if parameters_digest(engine.model) != before:
+            raise RuntimeError(f"the adapter {adapter} changed the base's weights in memory")
     del engine
     gc.collect()
     return scores

@@ -70,10 +70,10 @@ def describe_regions(request: dict) -> dict:
     image = load_image(
         parsed.image.url, task_id=parsed.image.task_id, settings=context.settings, cache=_recent_images
     )
-    host = context.model()
-    check_question_lengths(parsed, host.engine.processor.tokenizer)
-    [answers] = host.engine.answer([engine_request(parsed, image)])
-    return describe_result(parsed, answers, host.version).model_dump(mode="json")
+    engine, version = context.model().serve(parsed.project)
+    check_question_lengths(parsed, engine.processor.tokenizer)
+    [answers] = engine.answer([engine_request(parsed, image)])
+    return describe_result(parsed, answers, version).model_dump(mode="json")
 
 
 def check_question_lengths(request: DescribeRequest, tokenizer) -> None:
@@ -138,8 +138,7 @@ def prelabel_tasks(project_id: int, task_ids: list[int], project_settings: dict 
     project = client.get_project(project_id)
     scheme = scheme_from_config(project["label_config"], settings_of_project.controls)
     prompts = settings_of_project.prompts
-    host = context.model()
-    engine, version = host.engine, host.version
+    engine, version = context.model().serve(project_id)
     summary: dict[str, Any] = {
         "predicted": 0,
         "skipped_existing": 0,

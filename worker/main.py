@@ -126,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as error:
         parser.error(str(error))
-    host = ModelHost(registry, device=str(device), dtype=dtype, connection=connection)
+    host = ModelHost(
+        registry,
+        device=str(device),
+        dtype=dtype,
+        connection=connection,
+        adapter_cache_bytes=settings.adapter_cache_bytes,
+        merge_project=settings.merge_project,
+    )
     try:
         worker = RegionWorker(
             queues,

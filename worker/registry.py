@@ -13,6 +13,20 @@ Layout under the root ($MODEL_DIR, DESIGN.md):
 A version is copied into a hidden directory inside versions/ and renamed into place when complete, so a
 crash mid-copy never leaves a half-written version that looks real (the hidden leftover is ignored; delete
 it by hand). Rollback steps back through the promotions: promote v1, v2, v3 then rollback twice serves v1.
+
+Projects (issue 22): each Label Studio project has a lineage of its own, of LoRA adapters on the shared base:
+
+    projects/<project>/adapters/<version>/   a peft adapter directory (adapter_config.json,
+                                             adapter_model.safetensors) plus card.json, whose "base" names
+                                             the base version it was trained on
+    projects/<project>/current               the adapter served to the project (absent: the base alone)
+    projects/<project>/history.jsonl         its promotions and rollbacks
+
+`ModelRegistry(root, project=P)` (or `registry.lineage(P)`) is the same API on project P's lineage; the
+global lineage (`project=None`) is the base's. A project is served its current adapter on the current base;
+a project that never trained, whose adapters were all rolled back, or whose adapter was trained on another
+base than the one served now, is served the base. The version a prediction carries names both:
+"<base>+p<project>-<adapter>" (`Serving.version`).
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,14 +62,92 @@ class UnknownVersion(RegistryError, LookupError):
     """No such model version in the registry."""
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What a project is served: the base version, and the project's adapter on it (None: the base alone)."""
+
+    base: str
+    project: int | None = None
+    adapter: str | None = None
+
+    @property
+    def version(self) -> str:
+        """The model version its predictions carry (Label Studio filters by it)."""
+        return (
+            self.base if self.adapter is None else adapter_version_name(self.base, self.project, self.adapter)
+        )
+
+
+def adapter_version_name(base: str, project: int | None, adapter: str) -> str:
+    return f"{base}+p{project}-{adapter}"
+
+
 class ModelRegistry:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, project: int | None = None) -> None:
         self.root = Path(root)
-        self.versions_dir = self.root / "versions"
-        self.current_file = self.root / "current"
-        self.history_file = self.root / "history.jsonl"
+        self.project = _checked_project(project)
+        if project is None:
+            self.lineage_dir = self.root
+            self.versions_dir = self.root / "versions"
+        else:
+            self.lineage_dir = self.root / "projects" / str(project)
+            self.versions_dir = self.lineage_dir / "adapters"
+        self.current_file = self.lineage_dir / "current"
+        self.history_file = self.lineage_dir / "history.jsonl"
         self.trainings_file = self.root / "trainings.jsonl"
         self.lock_file = self.root / ".lock"
+
+    def lineage(self, project: int | None) -> ModelRegistry:
+        """The registry of project `project`'s adapters (None: the global lineage of bases)."""
+        return ModelRegistry(self.root, project)
+
+    def base(self) -> ModelRegistry:
+        return self.lineage(None)
+
+    def projects(self) -> list[int]:
+        """The projects that have a lineage (at least one adapter published), in numeric order."""
+        folder = self.root / "projects"
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(entry.name) for entry in folder.iterdir() if entry.name.isdigit() and entry.is_dir()
+        )
+
+    def serving(self, project: int | None) -> Serving | None:
+        """What `project` is served now (None: nothing, no base is promoted yet)."""
+        base = self.base().current()
+        if base is None:
+            return None
+        if project is None:
+            return Serving(base)
+        lineage = self.lineage(project)
+        adapter = lineage.current()
+        if adapter is None:
+            return Serving(base, project)
+        try:
+            trained_on = lineage.card(adapter).get("base")
+        except RegistryError as error:
+            log.warning("project %s: adapter %s unreadable (%s); serving the base", project, adapter, error)
+            return Serving(base, project)
+        if trained_on != base:
+            log.info(
+                "project %s: adapter %s was trained on base %s, the base is now %s; serving the base",
+                project,
+                adapter,
+                trained_on,
+                base,
+            )
+            return Serving(base, project)
+        return Serving(base, project, adapter)
+
+    def served_versions(self) -> dict[str, str]:
+        """Per project with a lineage, the version its predictions carry: {"3": "demo-1+p3-v2"}."""
+        versions = {}
+        for project in self.projects():
+            serving = self.serving(project)
+            if serving is not None:
+                versions[str(project)] = serving.version
+        return versions
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -174,12 +267,24 @@ class ModelRegistry:
             self.path(version)
             if self.current() == version:
                 return
+            if self.project is not None:
+                trained_on, base = self.card(version).get("base"), self.base().current()
+                if trained_on != base:
+                    raise RegistryError(
+                        f"adapter {version!r} of project {self.project} was trained on base {trained_on!r}, "
+                        f"but the base served now is {base!r}: fine-tune the project again"
+                    )
             self._set_current(version, action="promote")
 
-    def rollback(self) -> str:
-        """Serve the version that was promoted before the current one; returns it."""
+    def rollback(self) -> str | None:
+        """Serve the version that was promoted before the current one; returns it.
+
+        In a project's lineage, rolling back its first adapter serves the base again (returns None)."""
         with self._locked():
             stack = self._promotion_stack()
+            if self.project is not None and len(stack) == 1:
+                self._clear_current()
+                return None
             if len(stack) < 2:
                 raise RegistryError(
                     f"nothing to roll back to: the promotion history of {self.root} holds "
@@ -214,6 +319,15 @@ class ModelRegistry:
         )
         log.info("%s: now serving model version %s (was %s)", action, version, previous)
 
+    def _clear_current(self) -> None:
+        previous = self.current()
+        self.current_file.unlink(missing_ok=True)
+        _fsync_dir(self.current_file.parent)
+        _append_json_line(
+            self.history_file, {"action": "rollback", "version": None, "previous": previous, "at": _now()}
+        )
+        log.info("rollback: project %s is served the base again (was %s)", self.project, previous)
+
     def _promotion_stack(self) -> list[str]:
         """Promotions push, rollbacks pop: the top is what is served, the one below is the rollback target."""
         stack: list[str] = []
@@ -223,6 +337,12 @@ class ModelRegistry:
             elif entry.get("action") == "rollback" and stack:
                 stack.pop()
         return stack
+
+
+def _checked_project(project: int | None) -> int | None:
+    if project is not None and (not isinstance(project, int) or isinstance(project, bool) or project < 0):
+        raise RegistryError(f"invalid project {project!r}: a Label Studio project id (an integer, 0 or more)")
+    return project
 
 
 def _checked_name(version: str) -> str:

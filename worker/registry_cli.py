@@ -1,7 +1,8 @@
 """`roi-model registry list|promote|rollback|report`: the model registry from the command line.
 
 Registered with `roi-model` through the "roi_model.commands" entry point (pyproject.toml).
-The registry root is --model-dir, else MODEL_DIR.
+The registry root is --model-dir, else MODEL_DIR. list, promote, rollback and report take --project P: the
+lineage of project P's adapters (worker/registry.py); without it, the global lineage of bases.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from backend.settings import Settings
 from roi_model.families import DESCRIPTIONS, detect_family
-from worker.registry import ModelRegistry, RegistryError, card_version
+from worker.registry import ModelRegistry, RegistryError, adapter_version_name, card_version
 from worker.replay_store import ReplayStore
 
 
@@ -21,19 +22,31 @@ def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
     command = add_command("registry", help="import, list, promote, roll back model versions; plot them")
     command.add_argument("--model-dir", type=Path, help="registry root (default: MODEL_DIR)")
     actions = command.add_subparsers(dest="action", required=True)
+    lineage = argparse.ArgumentParser(add_help=False)
+    lineage.add_argument(
+        "--project",
+        type=int,
+        help="a Label Studio project id: that project's adapters (default: the global lineage of bases)",
+    )
     actions.add_parser(
-        "list", help="every version with its card, one JSON line each (served: the current one)"
+        "list",
+        parents=[lineage],
+        help="every version with its card, one JSON line each (served: the current one)",
     )
     add = actions.add_parser(
         "import", help="add a model directory as a new version (served when none is yet)"
     )
     add.add_argument("directory", type=Path)
     add.add_argument("--version", help="its name (default: the card's version, else the next v<N>)")
-    promote = actions.add_parser("promote", help="serve this version from the next job on")
+    promote = actions.add_parser("promote", parents=[lineage], help="serve this version from the next job on")
     promote.add_argument("version")
-    actions.add_parser("rollback", help="serve the previously promoted version again")
+    actions.add_parser(
+        "rollback",
+        parents=[lineage],
+        help="serve the previously promoted version again (a project's first adapter: the base again)",
+    )
     report = actions.add_parser(
-        "report", help="plot acceptance rate and held-out metrics per version over time"
+        "report", parents=[lineage], help="plot acceptance rate and held-out metrics per version over time"
     )
     report.add_argument("--out", type=Path, default=Path("report.png"))
     benchmark = actions.add_parser(
@@ -47,12 +60,21 @@ def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = ModelRegistry(args.model_dir or Settings.from_env().model_dir)
+    root = ModelRegistry(args.model_dir or Settings.from_env().model_dir)
     try:
+        project = getattr(args, "project", None)
+        registry = root.lineage(project)
         if args.action == "list":
             current = registry.current()
+            serving = root.serving(project)
             for card in registry.versions():
-                print(json.dumps({"served": card["version"] == current, **card}))
+                served = card["version"] == current and (
+                    project is None or (serving is not None and serving.adapter == current)
+                )
+                line = {"served": served, **card}
+                if project is not None:
+                    line["model_version"] = adapter_version_name(card.get("base"), project, card["version"])
+                print(json.dumps(line))
         elif args.action == "import":
             family = detect_family(args.directory)  # refuses, saying why, what no family can serve
             version = registry.import_model(
@@ -70,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
             )
         elif args.action == "promote":
             registry.promote(args.version)
-            print(json.dumps({"current": registry.current()}))
+            print(json.dumps({"current": registry.current(), **_served(root, project)}))
         elif args.action == "rollback":
-            print(json.dumps({"current": registry.rollback()}))
+            print(json.dumps({"current": registry.rollback(), **_served(root, project)}))
         elif args.action == "add-benchmark":
             print(json.dumps(ReplayStore(registry.root).add_benchmark(args.file, args.name)))
         else:
@@ -81,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
     except RegistryError as error:
         raise ValueError(str(error)) from None
     return 0
+
+
+def _served(root: ModelRegistry, project: int | None) -> dict:
+    """For a project's lineage, the model version its predictions carry from now on."""
+    if project is None:
+        return {}
+    serving = root.serving(project)
+    return {"model_version": serving.version if serving is not None else None}
 
 
 def plot_report(registry: ModelRegistry, out: Path) -> None:
@@ -95,7 +125,7 @@ def plot_report(registry: ModelRegistry, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     cards = registry.versions()
-    runs = registry.training_runs()
+    runs = [run for run in registry.training_runs() if _of_lineage(run, registry.project)]
     figure, axis = plt.subplots(figsize=(7, 3.8))
     held_out = [
         (datetime.fromisoformat(card["created_at"]), _held_out(card), card["version"])
@@ -134,6 +164,13 @@ def plot_report(registry: ModelRegistry, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
+
+
+def _of_lineage(run: dict, project: int | None) -> bool:
+    """A run of the global lineage (older runs say no lineage), or of project `project`'s adapters."""
+    if project is None:
+        return run.get("lineage", "global") == "global"
+    return run.get("lineage") == "project" and run.get("project") == project
 
 
 def _held_out(card: dict) -> float | None:

@@ -54,7 +54,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
     FIGURES["base images"] = f"{time.monotonic() - began:.0f} s"
     work = tmp_path_factory.mktemp("compose-full")
     port = free_port()
-    env = env_file(work / ".env", LABEL_STUDIO_PORT=str(port), LOG_LEVEL="INFO", BACKEND_WORKERS="2")
+    # The training test follows the global lineage: a fine-tune makes a new base (/models/current).
+    env = env_file(
+        work / ".env",
+        LABEL_STUDIO_PORT=str(port),
+        LOG_LEVEL="INFO",
+        BACKEND_WORKERS="2",
+        ROI_FINETUNE_LINEAGE="global",
+    )
     stack = ComposeStack(f"roi-label-full-{port}", env, FILES)
     stack.port = port  # type: ignore[attr-defined]
     try:

@@ -110,7 +110,9 @@ def loop(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
     version = import_model(registry, DEMO_MODEL)
     with open(root / "stack.log", "a", buffering=1) as log_file:
         lines = LogLines(lambda line: log_file.write(line + "\n"))
-        with Stack(root, registry, label_studio, lines=lines) as stack:
+        # One project teaches, another measures: the global lineage (a new base for every project).
+        global_lineage = {"ROI_FINETUNE_LINEAGE": "global"}
+        with Stack(root, registry, label_studio, lines=lines, extra_env=global_lineage) as stack:
             yield stack, ModelRegistry(registry), version
 
 

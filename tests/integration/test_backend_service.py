@@ -84,6 +84,11 @@ def test_setup_stores_the_extra_params_and_returns_the_served_version(backend, r
     registry_snapshot.publish(redis_conn, "v3", [{"version": "v2"}, {"version": "v3"}])
     assert backend.post("/setup", setup_body()).json() == {"model_version": "v3"}
 
+    # A project with an adapter of its own is answered its version; the others the base.
+    registry_snapshot.publish(redis_conn, "v3", [{"version": "v3"}], {"5": "v3+p5-v1"})
+    assert backend.post("/setup", setup_body()).json() == {"model_version": "v3+p5-v1"}
+    assert backend.post("/setup", setup_body(project="6.1700000000")).json() == {"model_version": "v3"}
+
 
 def test_setup_rejects_a_config_it_cannot_serve(backend):
     no_rectangle = '<View><Image name="image" value="$image"/><TextArea name="t" toName="image"/></View>'

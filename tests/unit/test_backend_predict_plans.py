@@ -10,6 +10,7 @@ from backend.labeling import scheme_from_config
 from backend.predict import (
     describe_job_id,
     empty,
+    for_project,
     parse_predict_request,
     plan_batch_task,
 )
@@ -94,6 +95,18 @@ def test_job_ids_depend_only_on_the_payload():
     assert describe_job_id(request) != describe_job_id(moved)
     assert describe_job_id(request).startswith("describe-")
     assert selection_id(3, [2, 1]) == selection_id(3, [1, 2, 2]) != selection_id(4, [1, 2])
+
+
+def test_a_describe_job_is_asked_for_its_project_and_is_a_job_of_that_project_alone():
+    request = plan_batch_task(task(predictions=[{"result": [rectangle("r")]}]), CAPTION, PROMPTS, 32).request
+    asked = for_project(request, 3)
+    assert (request.project, asked.project) == (None, 3)  # the plan is untouched
+    # each project its own job: a finished answer of project 3 (its adapter) is never handed to project 4
+    assert (
+        describe_job_id(asked)
+        == describe_job_id(for_project(request, 3))
+        != describe_job_id(for_project(request, 4))
+    )
 
 
 def test_parse_predict_request_tells_interactive_from_batch():

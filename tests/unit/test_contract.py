@@ -108,7 +108,10 @@ def test_boxes_within_the_rounding_tolerance_are_clipped_to_the_image():
         (request(max_new_tokens=0), "max_new_tokens: Input should be greater than or equal to 1"),
         (request(max_new_tokens=MAX_NEW_TOKENS_LIMIT + 1), f"less than or equal to {MAX_NEW_TOKENS_LIMIT}"),
         (request(max_new_tokens=8.0), "max_new_tokens: Input should be a valid integer"),
-        (request(extra="field"), "extra: unknown field (known: image, regions, questions, max_new_tokens)"),
+        (
+            request(extra="field"),
+            "extra: unknown field (known: image, regions, questions, max_new_tokens, project)",
+        ),
     ],
 )
 def test_a_bad_request_names_its_problem(bad, message):

@@ -31,6 +31,7 @@ def test_caption_job_asks_each_region():
             {"id": "r2:caption", "text": "Describe <region1> briefly.", "regions": ["r2"]},
         ],
         "max_new_tokens": 48,
+        "project": None,  # the backend sets the asking project when it enqueues
     }
 
 
@@ -110,6 +111,7 @@ def test_reasoning_job_asks_the_task_question_about_all_rectangles_in_order():
             }
         ],
         "max_new_tokens": 48,
+        "project": None,  # the backend sets the asking project when it enqueues
     }
 
 

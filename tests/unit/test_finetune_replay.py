@@ -71,7 +71,12 @@ def job(tmp_path, monkeypatch):
     monkeypatch.setattr(finetune_module, "export_project", export_project)
     monkeypatch.setattr(finetune_module, "train", train)
     monkeypatch.setattr(finetune_module, "score", score)
-    settings = Settings(model_dir=model_dir, label_studio_url="http://127.0.0.1:9", label_studio_api_key="k")
+    settings = Settings(
+        model_dir=model_dir,
+        label_studio_url="http://127.0.0.1:9",
+        label_studio_api_key="k",
+        finetune_lineage="global",  # tests/unit/test_finetune_projects.py: the lineage of a project
+    )
     process_context.activate(process_context.WorkerContext(settings=settings, connection=FakeRedis()))
     yield model_dir, calls
     process_context.activate(None)
