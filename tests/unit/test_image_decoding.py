@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from backend.images import decode_image
+from backend.images import ImageRejected, decode_image
 from backend.settings import Settings
 from roi_contract.images import UndecodableImage, decode_displayed
 from roi_model.processing import load_image
@@ -89,3 +89,27 @@ def test_an_opened_image_is_treated_like_its_bytes():
 def test_undecodable_bytes_name_the_problem(data, problem):
     with pytest.raises(UndecodableImage, match=problem):
         decode_displayed(data)
+
+
+def test_the_band_where_pillow_only_warns_is_refused_too(monkeypatch):
+    """Pillow warns above MAX_IMAGE_PIXELS and refuses only above twice that: the warning must refuse."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    warned = encoded(Image.new("RGB", (40, 40), (0, 0, 255)), "PNG")  # 1600 pixels: in the band
+    settings = Settings(image_max_pixels=10**12)  # leave the bomb to Pillow's check
+
+    with pytest.raises(UndecodableImage, match="decompression bomb"):
+        decode_displayed(warned, max_pixels=10**12)
+    with pytest.raises(ImageRejected, match="decompression bomb"):
+        decode_image(warned, url="band.png", settings=settings)
+    assert decode_image(encoded(Image.new("RGB", (25, 40)), "PNG"), url="ok.png", settings=settings).size == (
+        25,
+        40,
+    )  # 1000 pixels: at Pillow's limit, not above it
+
+
+def test_our_pixel_limit_allows_exactly_the_limit():
+    image = encoded(Image.new("RGB", (30, 20)), "PNG")
+
+    assert decode_displayed(image, max_pixels=600).size == (30, 20)
+    with pytest.raises(UndecodableImage, match="30x20 is 600 pixels, more than the limit of 599"):
+        decode_displayed(image, max_pixels=599)

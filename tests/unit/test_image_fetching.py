@@ -31,6 +31,7 @@ from backend.images import (
     load_image,
 )
 from backend.settings import Settings
+from backend.url_policy import UrlRefused, check_target
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -385,6 +386,38 @@ def test_a_body_over_the_byte_cap_is_refused_while_streaming(other_host, setting
         load_image(f"{other_host.url}/stream.png", task_id=17, settings=settings)
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "streamed"])
+def test_a_body_of_exactly_the_byte_cap_is_accepted_and_one_byte_more_is_not(
+    other_host, settings, files, declared
+):
+    body = files["png"]
+    headers = {"Content-Length": str(len(body))} if declared else {}  # streamed: the connection's end ends it
+    other_host.routes["/edge.png"] = lambda request: (200, headers, body)
+    at_cap = dataclasses.replace(settings, image_max_bytes=len(body))
+    below = dataclasses.replace(settings, image_max_bytes=len(body) - 1)
+
+    assert load_image(f"{other_host.url}/edge.png", task_id=17, settings=at_cap).size == (64, 48)
+    refusal = (
+        f"{len(body)} bytes is more than ROI_IMAGE_MAX_BYTES={len(body) - 1}"
+        if declared
+        else f"the body is larger than ROI_IMAGE_MAX_BYTES={len(body) - 1}"
+    )
+    with pytest.raises(ImageRejected) as refused:
+        load_image(f"{other_host.url}/edge.png", task_id=17, settings=below)
+    assert refused.value.problem == refusal
+
+
+def test_a_content_length_over_the_cap_is_refused_before_the_body_is_read(other_host, settings, files):
+    # The header says one byte more than the cap; the body sent is within it: the header alone refuses.
+    body = files["png"]
+    other_host.routes["/liar.png"] = lambda request: (200, {"Content-Length": str(len(body) + 1)}, body)
+    settings = dataclasses.replace(settings, image_max_bytes=len(body))
+
+    with pytest.raises(ImageRejected) as refused:
+        load_image(f"{other_host.url}/liar.png", task_id=17, settings=settings)
+    assert refused.value.problem == f"{len(body) + 1} bytes is more than ROI_IMAGE_MAX_BYTES={len(body)}"
+
+
 def test_a_slow_server_is_given_up_on_after_the_timeout(other_host, settings, files):
     def slow(request: BaseHTTPRequestHandler) -> Reply:
         other_host.released.wait(timeout=30)
@@ -526,6 +559,17 @@ def test_local_files_are_refused_without_a_root(settings, local_root):
 def test_a_missing_local_file_is_a_clear_error(settings, local_root):
     with pytest.raises(ImageRejected, match="no such file"):
         load_image("imgs/missing.png", task_id=None, settings=settings)
+
+
+def test_a_local_file_of_exactly_the_byte_cap_is_read_and_one_byte_more_is_not(settings, local_root, files):
+    size = len(files["png"])
+    at_cap = dataclasses.replace(settings, image_max_bytes=size)
+    below = dataclasses.replace(settings, image_max_bytes=size - 1)
+
+    assert load_image("imgs/a.png", task_id=None, settings=at_cap).size == (64, 48)
+    with pytest.raises(ImageRejected) as refused:
+        load_image("imgs/a.png", task_id=None, settings=below)
+    assert refused.value.problem == f"the file is larger than ROI_IMAGE_MAX_BYTES={size - 1}"
 
 
 # --- recently fetched images ---------------------------------------------------------------------------
@@ -785,6 +829,43 @@ def test_look_alike_hosts_are_not_allowed(settings, host):
     # Refused before any name lookup: none of these resolves here, and none may be tried.
     with pytest.raises(ImageRejected, match=f"host '{host}' is not in ROI_IMAGE_ALLOWED_HOSTS"):
         load_image(f"http://{host}:1/b.png", task_id=17, settings=settings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evilexample.com/a.png",
+        "http://evil-example.com/a.png",
+        "http://images.example.com/a.png",
+        "http://example.com.evil.test/a.png",
+        "http://example.co/a.png",
+        "http://xample.com/a.png",
+        "http://evilexample.com:8443/a.png",
+    ],
+)
+def test_the_allow_list_matches_whole_host_names_only(url):
+    # check_target decides on the URL alone: nothing is resolved or fetched.
+    allowed = ("example.com", "example.com:8443")
+
+    assert (
+        check_target("http://example.com/a.png", "http://127.0.0.1:8080", allowed).origin.host
+        == "example.com"
+    )
+    assert (
+        check_target("https://EXAMPLE.com:8443/a.png", "http://127.0.0.1:8080", allowed).label_studio is False
+    )
+    with pytest.raises(UrlRefused, match="is not in ROI_IMAGE_ALLOWED_HOSTS"):
+        check_target(url, "http://127.0.0.1:8080", allowed)
+
+
+@pytest.mark.parametrize("entry", ["example.com:8443", " Example.COM:8443 "])
+def test_a_host_port_entry_matches_that_host_and_port_exactly(entry):
+    allowed = (entry,)
+
+    assert check_target("http://example.com:8443/a.png", "http://127.0.0.1:8080", allowed).path == "/a.png"
+    for url in ("http://example.com/a.png", "http://example.com:8444/a.png", "http://evilexample.com:8443/a"):
+        with pytest.raises(UrlRefused, match="is not in ROI_IMAGE_ALLOWED_HOSTS"):
+            check_target(url, "http://127.0.0.1:8080", allowed)
 
 
 def test_allowed_hosts_compare_without_letter_case(other_host, settings, files):

@@ -275,3 +275,47 @@ def test_a_non_per_region_choices_cannot_be_the_answer():
     )
     with pytest.raises(UnsupportedConfig, match="answer 'quality' must be per-region"):
         scheme_from_config(xml, Controls(answer="quality"))
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        (
+            '<TextArea name="caption" toName="image" perRegion="true"/>',
+            '<TextArea name="notes" toName="image"/>',
+        ),
+        (
+            '<TextArea name="notes" toName="image"/>',
+            '<TextArea name="caption" toName="image" perRegion="true"/>',
+        ),
+        (
+            '<Text name="ask" value="$ask"/>',
+            '<TextArea name="caption" toName="image" perRegion="true"/>',
+            '<TextArea name="notes" toName="image"/>',
+        ),
+    ],
+    ids=["task-level-after", "task-level-before", "with-a-text-question"],
+)
+def test_a_task_level_textarea_beside_a_per_region_one_never_takes_the_answer(tags):
+    # The annotator's task-level notes field is not the model's: each box's caption goes to the per-region one.
+    scheme = scheme_from_config(view(IMAGE, RECTANGLE, *tags))
+
+    assert (scheme.kind, scheme.answer, scheme.per_region, scheme.question) == (
+        "caption",
+        "caption",
+        True,
+        None,
+    )
+
+
+@pytest.mark.parametrize("notes_at", [0, 1, 2], ids=["before", "between", "after"])
+def test_a_task_level_textarea_beside_two_per_region_ones_leaves_question_and_answer_to_them(notes_at):
+    tags = [
+        '<TextArea name="question" toName="image" perRegion="true"/>',
+        '<TextArea name="answer" toName="image" perRegion="true"/>',
+    ]
+    tags.insert(notes_at, '<TextArea name="notes" toName="image"/>')
+
+    scheme = scheme_from_config(view(IMAGE, RECTANGLE, *tags))
+
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "question", "answer")
