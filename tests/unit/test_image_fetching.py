@@ -31,7 +31,7 @@ from backend.images import (
     load_image,
 )
 from backend.settings import Settings
-from backend.url_policy import UrlRefused, check_target
+from backend.url_policy import Origin, Target, UrlRefused, check_target
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -866,6 +866,69 @@ def test_a_host_port_entry_matches_that_host_and_port_exactly(entry):
     for url in ("http://example.com/a.png", "http://example.com:8444/a.png", "http://evilexample.com:8443/a"):
         with pytest.raises(UrlRefused, match="is not in ROI_IMAGE_ALLOWED_HOSTS"):
             check_target(url, "http://127.0.0.1:8080", allowed)
+
+
+LS_URL = "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://[::1/a.png", "not a valid URL (Failed to parse: '[::1' is not a valid host or port)"),
+        ("ftp://example.com/a.png", "unsupported URL scheme 'ftp'"),
+        ("//example.com/a.png", "unsupported URL scheme None"),
+        ("http:///a.png", "the URL has no host"),
+        ("http://user@example.com/a.png", "the URL carries user info ('user@host'), which is never sent"),
+        ("http://ex ample.com/a.png", "the URL contains whitespace or control characters"),
+        ("http://example.com/a\x7f.png", "the URL contains whitespace or control characters"),
+        (
+            "http://exa\\mple.com/a.png",
+            "the URL contains a backslash (URL parsers disagree on where its host ends)",
+        ),
+        (
+            f"{LS_URL}/api/projects/",
+            "'/api/projects/' is not a Label Studio media path (/data/..., /storage-data/...)",
+        ),
+        (
+            f"{LS_URL}/tasks/x/presign/",
+            "'/tasks/x/presign/' is not a Label Studio media path (/data/..., /storage-data/...)",
+        ),
+        (
+            f"{LS_URL}/data/%2e%2e/x",
+            "'/data/%2E%2E/x' is not a Label Studio media path (/data/..., /storage-data/...)",
+        ),
+        (f"{LS_URL}", "'/' is not a Label Studio media path (/data/..., /storage-data/...)"),
+        ("http://example.com./a.png", "host 'example.com.' is not in ROI_IMAGE_ALLOWED_HOSTS"),
+    ],
+)
+def test_each_refusal_names_its_reason(url, reason):
+    with pytest.raises(UrlRefused) as refusal:
+        check_target(url, LS_URL, ("example.com",))
+    assert str(refusal.value) == reason
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        (
+            f"{LS_URL}/data/upload/3/a.png",
+            Target(Origin("http", "127.0.0.1", 8080), "/data/upload/3/a.png", True),
+        ),
+        (f"{LS_URL}/storage-data/x", Target(Origin("http", "127.0.0.1", 8080), "/storage-data/x", True)),
+        (
+            f"{LS_URL}/tasks/17/presign/",
+            Target(Origin("http", "127.0.0.1", 8080), "/tasks/17/presign/", True),
+        ),
+        ("http://127.0.0.1:8081/api/x", Target(Origin("http", "127.0.0.1", 8081), "/api/x", False)),
+        ("https://Example.com/a.png", Target(Origin("https", "example.com", 443), "/a.png", False)),
+        ("http://example.com:/a.png", Target(Origin("http", "example.com", 80), "/a.png", False)),
+        ("http://example.com", Target(Origin("http", "example.com", 80), "/", False)),
+        ("http://[::1]:8443/a.png", Target(Origin("http", "[::1]", 8443), "/a.png", False)),
+    ],
+)
+def test_an_allowed_target_is_where_urllib3_connects(url, target):
+    assert check_target(url, LS_URL, ("example.com", "127.0.0.1:8081", "[::1]")) == target
+    assert str(target.origin) == f"{target.origin.scheme}://{target.origin.host}:{target.origin.port}"
 
 
 def test_allowed_hosts_compare_without_letter_case(other_host, settings, files):
