@@ -899,6 +899,8 @@ LS_URL = "http://127.0.0.1:8080"
         ),
         (f"{LS_URL}", "'/' is not a Label Studio media path (/data/..., /storage-data/...)"),
         ("http://example.com./a.png", "host 'example.com.' is not in ROI_IMAGE_ALLOWED_HOSTS"),
+        # urllib3 decodes the host (and would connect to example.com); urllib.parse does not
+        ("http://%65xample.com/a.png", "URL parsers disagree on its host ('%65xample.com' or 'example.com')"),
     ],
 )
 def test_each_refusal_names_its_reason(url, reason):
