@@ -319,3 +319,40 @@ def test_a_task_level_textarea_beside_two_per_region_ones_leaves_question_and_an
     scheme = scheme_from_config(view(IMAGE, RECTANGLE, *tags))
 
     assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "question", "answer")
+
+
+CHOICES_AND_NOTES = view(
+    IMAGE,
+    RECTANGLE,
+    '<TextArea name="note" toName="image" perRegion="true"/>',
+    '<TextArea name="remark" toName="image" perRegion="true"/>',
+    '<Choices name="kind" toName="image" perRegion="true"><Choice value="A"/></Choices>',
+)
+
+
+def test_a_choices_answer_has_no_question_and_refuses_a_named_one():
+    scheme = scheme_from_config(CHOICES_AND_NOTES)
+    assert (scheme.kind, scheme.answer, scheme.question) == ("classification", "kind", None)
+
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(CHOICES_AND_NOTES, Controls(question="note"))
+    assert str(error.value) == "question 'note' is not used when the answer is Choices"
+
+
+def test_reasoning_refusals_say_exactly_what_to_do():
+    no_text = view(IMAGE, RECTANGLE, '<TextArea name="answer" toName="image"/>')
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(no_text)
+    assert str(error.value) == (
+        "TextArea 'answer' is not per-region, and there is no <Text value=\"$question\"> question for it to "
+        'answer: make it perRegion="true" or add the <Text>'
+    )
+
+    fixed_text = view(
+        '<Text name="fixed" value="What is left?"/>', IMAGE, RECTANGLE, '<TextArea name="a" toName="image"/>'
+    )
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(fixed_text, Controls(question="fixed"))
+    assert (
+        str(error.value) == "question 'fixed' must be a <Text> whose value is a task data key like $question"
+    )
