@@ -356,3 +356,61 @@ def test_reasoning_refusals_say_exactly_what_to_do():
     assert (
         str(error.value) == "question 'fixed' must be a <Text> whose value is a task data key like $question"
     )
+
+
+def test_naming_the_first_per_region_textarea_as_question_takes_the_next_as_answer():
+    scheme = scheme_from_config(THREE_TEXTAREAS, Controls(question="notes"))
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "notes", "caption")
+
+
+def test_a_named_rectangle_chooses_the_image_it_draws_on():
+    xml = view(
+        IMAGE,
+        '<Image name="second" value="$second"/>',
+        RECTANGLE,
+        '<Rectangle name="box2" toName="second"/>',
+        '<TextArea name="caption" toName="image" perRegion="true"/>',
+        '<TextArea name="caption2" toName="second" perRegion="true"/>',
+    )
+
+    assert (scheme_from_config(xml).image, scheme_from_config(xml).rectangle) == ("image", "label")
+    named = scheme_from_config(xml, Controls(rectangle="box2"))
+    assert (named.image, named.image_key, named.rectangle, named.answer) == (
+        "second",
+        "second",
+        "box2",
+        "caption2",
+    )
+
+
+@pytest.mark.parametrize(
+    ("xml", "controls", "message"),
+    [
+        (
+            view('<Text name="t" value="$t"/>', '<TextArea name="a" toName="t" perRegion="true"/>'),
+            None,
+            "no <Image> object in the label config",
+        ),
+        (
+            view(IMAGE, RECTANGLE),
+            None,
+            "nothing for the model to fill: add a per-region TextArea or Choices on image 'image', "
+            'or a <Text value="$question"> with a task-level TextArea',
+        ),
+        (
+            THREE_TEXTAREAS,
+            Controls(rectangle="caption"),
+            "rectangle 'caption' is not a Rectangle/RectangleLabels control on image 'image'",
+        ),
+        (
+            THREE_TEXTAREAS,
+            Controls(answer="nope", question="nada"),
+            "extra_params 'controls' names tags the label config does not have: question='nada', answer='nope'",
+        ),
+    ],
+    ids=["no-image", "nothing-to-fill", "not-a-rectangle", "two-unknown-names"],
+)
+def test_refusals_word_for_word(xml, controls, message):
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(xml, controls)
+    assert str(error.value) == message
