@@ -1064,3 +1064,32 @@ def test_roi_model_export_converts_a_saved_export_file_and_refuses_json_min_by_n
     )
     assert refused.returncode == 2
     assert "JSON-MIN" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_skipped_reasoning_annotation_counts_a_box_on_another_image_once_under_its_own_reason():
+    two_boxes = [rectangle("a", 10, 20, 35, 40), rectangle("b", 50, 50, 25, 25)]
+    elsewhere = {**rectangle("z", 5, 5, 10, 10), "to_name": "other"}
+    tasks = [task(20, [annotation(75, [*two_boxes, elsewhere, reasoning_answer("no")])], data={"image": URL})]
+
+    report = convert(tasks, scheme=REASONING).report
+
+    assert report["annotations_skipped"] == {"no_question": [75]}
+    assert report["regions_skipped"] == {
+        "annotation_no_question": ["75:a", "75:b"],
+        "on_other_image": ["75:z"],
+    }
+
+
+def test_an_annotation_id_that_several_tasks_use_is_named_with_its_task():
+    # Label Studio's own fixtures reuse annotation ids across tasks: the report names each "<task>/<id>".
+    answered = [rectangle("r1", 10, 20, 35, 40), caption("r1", "a red circle")]
+    tasks = [
+        task(17, [annotation(9, answered, was_cancelled=True)]),
+        task(18, [annotation(9, answered, was_cancelled=True)]),
+        task(19, [annotation(10, answered, was_cancelled=True)]),
+    ]
+
+    report = convert(tasks).report
+
+    assert report["annotations_skipped"] == {"cancelled": [10, "17/9", "18/9"]}  # in id order
+    assert report["regions_skipped"] == {"annotation_cancelled": ["17/9:r1", "18/9:r1", "10:r1"]}
