@@ -748,6 +748,14 @@ def test_a_report_that_does_not_add_up_is_refused():
     twice = {**report, "annotations_skipped": {**report["annotations_skipped"], "again": [83]}}
     with pytest.raises(AssertionError, match="two reasons"):
         check_report(twice)
+    uncounted = {**report, "by_origin": {**report["by_origin"], "manual": report["by_origin"]["manual"] + 1}}
+    with pytest.raises(AssertionError) as refusal:
+        check_report(uncounted)
+    assert str(refusal.value) == (
+        f"export report: by_origin {uncounted['by_origin']} does not add up to {report['answers']}"
+    )
+    with pytest.raises(AssertionError, match="records and exported annotations differ"):
+        check_report({**report, "records": report["records"] + 1})
 
 
 def test_the_output_does_not_depend_on_the_order_of_the_export(tmp_path):
