@@ -754,8 +754,9 @@ def test_a_report_that_does_not_add_up_is_refused():
     assert str(refusal.value) == (
         f"export report: by_origin {uncounted['by_origin']} does not add up to {report['answers']}"
     )
-    with pytest.raises(AssertionError, match="records and exported annotations differ"):
+    with pytest.raises(AssertionError) as refusal:
         check_report({**report, "records": report["records"] + 1})
+    assert str(refusal.value) == "export report: records and exported annotations differ"
 
 
 def test_the_output_does_not_depend_on_the_order_of_the_export(tmp_path):
