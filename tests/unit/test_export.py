@@ -520,20 +520,22 @@ def test_a_ground_truth_annotation_wins_over_the_others_the_newest_if_several():
             17,
             [
                 answered(60, "first"),
-                answered(61, "ground truth, older", ground_truth=True, updated_at="2026-01-02T10:00:00Z"),
-                answered(62, "ground truth, newer", ground_truth=True, updated_at="2026-01-03T10:00:00Z"),
+                answered(61, "ground truth, newer", ground_truth=True, updated_at="2026-01-03T10:00:00Z"),
+                answered(62, "ground truth, older", ground_truth=True, updated_at="2026-01-02T10:00:00Z"),
                 annotation(63, [], was_cancelled=True, ground_truth=True),
+                answered(64, "ground truth, no time", ground_truth=True, updated_at=None),  # oldest of all
             ],
         )
     ]
     conversion = convert(tasks)
-    assert [(r["id"], r["source"]["ground_truth"]) for r in conversion.records] == [("ls:3:17:62", True)]
+    # The newest by time, not by id.
+    assert [(r["id"], r["source"]["ground_truth"]) for r in conversion.records] == [("ls:3:17:61", True)]
     assert conversion.report["annotations_skipped"] == {
         "cancelled": [63],
-        "superseded_by_ground_truth": [60, 61],
+        "superseded_by_ground_truth": [60, 62, 64],
     }
     assert conversion.report["regions_skipped"] == {
-        "annotation_superseded_by_ground_truth": ["60:r1", "61:r1"]
+        "annotation_superseded_by_ground_truth": ["60:r1", "62:r1", "64:r1"]
     }
 
 

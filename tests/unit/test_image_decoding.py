@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from backend.images import ImageRejected, decode_image
 from backend.settings import Settings
-from roi_contract.images import UndecodableImage, decode_displayed
+from roi_contract.images import UndecodableImage, decode_displayed, image_format
 from roi_model.processing import load_image
 
 
@@ -113,3 +113,9 @@ def test_our_pixel_limit_allows_exactly_the_limit():
     assert decode_displayed(image, max_pixels=600).size == (30, 20)
     with pytest.raises(UndecodableImage, match="30x20 is 600 pixels, more than the limit of 599"):
         decode_displayed(image, max_pixels=599)
+
+
+def test_image_format_names_only_the_formats_a_browser_shows():
+    assert image_format(encoded(Image.new("RGB", (4, 4)), "WEBP")) == "WEBP"
+    with pytest.raises(UnidentifiedImageError):
+        image_format(encoded(Image.new("RGB", (4, 4)), "TIFF"))
