@@ -134,6 +134,12 @@ def candidate(held_out=None, replay=None, sets=None) -> Scores:
             False,
             "replay set 'benchmark mini': left exact_match fell from 0.8000 to 0.7000, more than 0.01",
         ),
+        (  # a kind that cannot be compared does not stop the comparison of the next
+            candidate(held_out={"caption": ("cider_d", None), "left": ("exact_match", 0.4)}),
+            None,
+            False,
+            "held-out left exact_match fell from 0.5000 to 0.4000",
+        ),
         (  # a figure not computed, or computed with another metric, is not compared
             candidate(held_out={"caption": ("cider_d", None), "left": ("token_f1", 0.1)}),
             None,
@@ -150,6 +156,7 @@ def candidate(held_out=None, replay=None, sets=None) -> Scores:
         "replay-worse",
         "replay-within",
         "replay-set-worse",
+        "next-after-not-comparable",
         "not-comparable",
     ],
 )
@@ -171,6 +178,10 @@ def test_the_gate_compares_only_the_kinds_both_versions_have():
     # Without per-kind figures on one side, the overall exact match decides.
     assert gate(Scores(0.5, None), SERVED) == (True, "held-out 0.5000 -> 0.5000")
     assert gate(Scores(0.49, None), SERVED)[0] is False
+    assert gate(Scores(0.9, 0.97), Scores(0.6, 0.98)) == (
+        True,
+        "held-out 0.6000 -> 0.9000, replay 0.9800 -> 0.9700",
+    )
 
 
 def test_gate_thresholds_from_a_projects_settings_keep_the_defaults_it_leaves_out():
