@@ -9,7 +9,7 @@ from PIL import Image, UnidentifiedImageError
 
 from backend.images import ImageRejected, decode_image
 from backend.settings import Settings
-from roi_contract.images import UndecodableImage, decode_displayed, image_format
+from roi_contract.images import UndecodableImage, decode_displayed, displayed, image_format
 from roi_model.processing import load_image
 
 
@@ -119,3 +119,45 @@ def test_image_format_names_only_the_formats_a_browser_shows():
     assert image_format(encoded(Image.new("RGB", (4, 4)), "WEBP")) == "WEBP"
     with pytest.raises(UnidentifiedImageError):
         image_format(encoded(Image.new("RGB", (4, 4)), "TIFF"))
+
+
+WHITE, GREEN = (255, 255, 255), (0, 255, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "left", "right"),
+    [
+        (CASES["transparent RGBA PNG"], WHITE, (200, 30, 30)),
+        (CASES["palette PNG with a transparent index"], WHITE, GREEN),
+        (CASES["LA PNG"], WHITE, WHITE),
+        (CASES["WebP with alpha"], WHITE, (200, 30, 30)),
+    ],
+    ids=["RGBA", "palette", "LA", "WebP"],
+)
+def test_transparent_pixels_are_shown_over_white(data, left, right):
+    shown = decode_displayed(data)
+
+    assert shown.mode == "RGB"
+    assert (shown.getpixel((1, 1)), shown.getpixel((shown.width - 1, 1))) == (left, right)
+
+
+def test_a_palette_image_with_alpha_is_composited_too():
+    image = Image.new("PA", (2, 1), (1, 0))  # palette index 1 (green), fully transparent
+    image.putpalette([0, 0, 255, 0, 255, 0] + [0, 0, 0] * 254)
+    image.putpixel((1, 0), (1, 255))
+
+    shown = displayed(image)
+
+    assert (shown.getpixel((0, 0)), shown.getpixel((1, 0))) == (WHITE, GREEN)
+
+
+@pytest.mark.parametrize("size", [(0, 5), (5, 0)])
+def test_an_image_without_pixels_is_refused(size):
+    with pytest.raises(UndecodableImage) as refusal:
+        displayed(Image.new("RGB", size))
+    assert refusal.value.problem == "the image is empty (zero width or height)"
+
+
+def test_a_one_pixel_wide_or_high_image_is_shown():
+    assert displayed(Image.new("RGB", (1, 5), GREEN)).size == (1, 5)
+    assert displayed(Image.new("L", (5, 1), 7)).getpixel((4, 0)) == (7, 7, 7)
