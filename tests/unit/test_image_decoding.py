@@ -161,3 +161,18 @@ def test_an_image_without_pixels_is_refused(size):
 def test_a_one_pixel_wide_or_high_image_is_shown():
     assert displayed(Image.new("RGB", (1, 5), GREEN)).size == (1, 5)
     assert displayed(Image.new("L", (5, 1), 7)).getpixel((4, 0)) == (7, 7, 7)
+
+
+def test_refusals_of_undecodable_bytes_word_for_word():
+    def problem(data: bytes) -> str:
+        with pytest.raises(UndecodableImage) as refusal:
+            decode_displayed(data)
+        return refusal.value.problem
+
+    assert problem(b"") == "the image is empty (0 bytes)"
+    assert (
+        problem(b"<html>login</html>")
+        == "not an image in a supported format (JPEG, PNG, WEBP, GIF, BMP, AVIF)"
+    )
+    png = encoded(Image.frombytes("RGB", (32, 32), bytes(range(256)) * 12), "PNG")
+    assert problem(png[: len(png) // 2]).startswith("broken image data (OSError: ")

@@ -926,6 +926,7 @@ def test_each_refusal_names_its_reason(url, reason):
         ("http://example.com:/a.png", Target(Origin("http", "example.com", 80), "/a.png", False)),
         ("http://example.com", Target(Origin("http", "example.com", 80), "/", False)),
         ("http://[::1]:8443/a.png", Target(Origin("http", "[::1]", 8443), "/a.png", False)),
+        ('http://example.com/a!"b.png', Target(Origin("http", "example.com", 80), "/a!%22b.png", False)),
     ],
 )
 def test_an_allowed_target_is_where_urllib3_connects(url, target):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.labeling import LabelingScheme, UnsupportedConfig, scheme_from_config
+from backend.labeling import MAX_CONFIG_CHARS, LabelingScheme, UnsupportedConfig, scheme_from_config
 from roi_contract.project import Controls
 
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
@@ -414,3 +414,17 @@ def test_refusals_word_for_word(xml, controls, message):
     with pytest.raises(UnsupportedConfig) as error:
         scheme_from_config(xml, controls)
     assert str(error.value) == message
+
+
+def test_a_config_that_is_not_text_or_too_long_is_refused_before_parsing():
+    def refusal(xml) -> str:
+        with pytest.raises(UnsupportedConfig) as error:
+            scheme_from_config(xml)
+        return str(error.value)
+
+    assert refusal(42) == "label config is empty or not a string: '42'"
+    assert refusal(" " * 100) == f"label config is empty or not a string: {' ' * 80!r}"
+    config = read_config("region_captioning.xml")
+    padded = config + " " * (MAX_CONFIG_CHARS - len(config))  # exactly at the limit: read
+    assert scheme_from_config(padded).kind == "caption"
+    assert refusal(padded + " ") == f"label config is longer than {MAX_CONFIG_CHARS} characters"
