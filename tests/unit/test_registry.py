@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -305,3 +306,18 @@ def test_training_runs_are_appended_and_read_back_in_order(registry):
 
     assert [run["promoted"] for run in registry.training_runs()] == ["v2", None]
     assert ModelRegistry(registry.root).training_runs()[1]["held_out"] == 0.4
+
+
+def test_each_move_of_the_pointer_is_logged_with_what_was_served_before(registry, source, caplog):
+    registry.publish(source)
+    registry.publish(source)
+    with caplog.at_level(logging.INFO, logger="worker.registry"):
+        registry.promote("v1")
+        registry.promote("v2")
+        registry.rollback()
+
+    assert [record.getMessage() for record in caplog.records if record.name == "worker.registry"] == [
+        "promote: now serving model version v1 (was None)",
+        "promote: now serving model version v2 (was v1)",
+        "rollback: now serving model version v1 (was v2)",
+    ]
