@@ -321,3 +321,19 @@ def test_each_move_of_the_pointer_is_logged_with_what_was_served_before(registry
         "promote: now serving model version v2 (was v1)",
         "rollback: now serving model version v1 (was v2)",
     ]
+
+
+def test_registry_refusals_word_for_word(registry, source):
+    with pytest.raises(UnknownVersion) as refusal:
+        registry.path("v1")
+    assert str(refusal.value) == f"model version 'v1' not found in {registry.versions_dir} (known: none)"
+    registry.publish(source)
+    registry.publish(source)
+    with pytest.raises(UnknownVersion, match=r"\(known: v1, v2\)$"):
+        registry.path("v3")
+    with pytest.raises(RegistryError) as refusal:
+        registry.path("../v1")
+    assert str(refusal.value) == (
+        "invalid model version name '../v1': use letters, digits, '.', '_' and '-' "
+        "(not starting with '.' or '-', at most 100 characters)"
+    )
