@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-model test lint format unit integration e2e compose-test bench clean
+.PHONY: venv demo demo-model test lint format unit integration e2e compose-test bench mutation clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,27 @@ compose-test: venv
 # Run as modules (python -m benchmarks.x): benchmarks/queue.py would shadow the standard library's queue.
 bench: venv
 	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) -m benchmarks.$$(basename $$b .py); done
+
+# The mutation score of the modules that guard security and data (README, "Mutation testing"); not part of
+# make test: it runs the fast unit tests of [tool.mutmut] once per mutant, which takes hours on two cores.
+# Whole modules, and the functions of the larger ones that hold the export counts, the gate and the
+# registry pointer. `make mutation MUTATION_TARGETS='backend.url_policy.*'` runs a part; results are kept
+# in mutants/ between runs (a changed function or test is run again).
+MUTATION_TARGETS ?= \
+	'worker.failures.*' 'backend.url_policy.*' 'backend.images.*' 'roi_contract.images.*' \
+	'backend.labeling.*' 'backend.regions.*' 'backend.predictions.*' 'worker.jobs.*' \
+	'backend.export.x_select_annotations__*' 'backend.export.x_images_needed__*' \
+	'backend.export.x_convert_tasks__*' 'backend.export.xǁ_Tallyǁ*' 'backend.export.x_check_report__*' \
+	'worker.finetune.x_gate__*' 'worker.finetune.x__kind_drop__*' 'worker.finetune.x__kinds_summary__*' \
+	'worker.finetune.xǁGateThresholdsǁ*' \
+	'worker.registry.xǁModelRegistryǁcurrent__*' 'worker.registry.xǁModelRegistryǁpath__*' \
+	'worker.registry.xǁModelRegistryǁpromote__*' 'worker.registry.xǁModelRegistryǁrollback__*' \
+	'worker.registry.xǁModelRegistryǁ_set_current__*' 'worker.registry.xǁModelRegistryǁ_promotion_stack__*' \
+	'worker.registry.x__checked_name__*' 'worker.registry.x__write_atomically__*'
+
+mutation: venv
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children 2 $(MUTATION_TARGETS)
+	$(PY) -m tests.mutation_score --minimum 90 $(MUTATION_TARGETS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -49,3 +49,10 @@ def wait_for_file(path: str, limit_s: float = 30.0):
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.02)
     return "go"
+
+
+def own_timeout():
+    """The timeout the worker runs this job under (what RQ's death penalty is set to)."""
+    from rq import get_current_job
+
+    return get_current_job().timeout

@@ -165,6 +165,36 @@ def test_the_worker_reconnects_after_redis_restarts(redis_conn, redis_server, st
     wait_until(lambda: heartbeat(redis_conn, "w1"), timeout_s=30, message="the heartbeat back")
 
 
+def test_a_job_enqueued_without_a_timeout_runs_under_its_queues_timeout(redis_conn, start_worker):
+    # Raw RQ jobs, as another client may enqueue them: one with RQ's "no timeout" (-1), one whose hash has no
+    # timeout at all. Both wait in their queues until the worker starts, so it is the worker that decides.
+    jobs = {}
+    for queue_name, timeout in [(INTERACTIVE, -1), (PRELABEL, -1), (INTERACTIVE, None), (PRELABEL, None)]:
+        queue = get_queue(queue_name, redis_conn)
+        job = queue.enqueue("tests.integration.jobs_for_tests.own_timeout", job_timeout=-1)
+        if timeout is None:  # the hash without the field
+            redis_conn.hdel(job.key, "timeout")
+            assert Job.fetch(job.id, connection=redis_conn, serializer=queue.serializer).timeout is None
+        jobs[(queue_name, timeout)] = job
+    start_worker("w1")
+
+    timeouts = {key: wait_for_result(job, timeout_s=60) for key, job in jobs.items()}
+
+    assert timeouts == {
+        (INTERACTIVE, -1): QUEUES[INTERACTIVE].job_timeout,
+        (PRELABEL, -1): QUEUES[PRELABEL].job_timeout,
+        (INTERACTIVE, None): QUEUES[INTERACTIVE].job_timeout,
+        (PRELABEL, None): QUEUES[PRELABEL].job_timeout,
+    }
+    # The two queues' timeouts and RQ's own default (180 s) differ, so each outcome is told apart.
+    assert len({QUEUES[INTERACTIVE].job_timeout, QUEUES[PRELABEL].job_timeout, 180}) == 3
+    # A job that sets its own timeout keeps it.
+    own = get_queue(INTERACTIVE, redis_conn).enqueue(
+        "tests.integration.jobs_for_tests.own_timeout", job_timeout=7
+    )
+    assert wait_for_result(own, timeout_s=60) == 7
+
+
 POISONS = [
     ("not an image", {"url": "junk.png"}, "not an image in a supported format"),
     ("zero-area box", {"box": [0.4, 0.2, 0.4, 0.7]}, "has zero area"),

@@ -176,3 +176,52 @@ def test_bad_input_fails_before_any_work(tiny):
     with pytest.raises(ValueError, match="zero area"):
         engine.answer([good, bad])
     assert engine.stats()["feature_cache"]["misses"] == 0
+
+
+def with_options(requests: list[ImageRequest], **options) -> list[ImageRequest]:
+    return [
+        ImageRequest(
+            request.image,
+            request.queries,
+            GenerationOptions(max_new_tokens=request.options.max_new_tokens, **options),
+        )
+        for request in requests
+    ]
+
+
+def token_ids(answers) -> list[list[int]]:
+    return [answer.token_ids for row in answers for answer in row]
+
+
+def test_sampling_through_the_engine_honours_top_p(tiny):
+    """A nucleus that holds only the likeliest token is greedy decoding, whatever the temperature; the same
+    temperature with the whole distribution (top_p=1) samples other tokens."""
+    model, processor = tiny
+    requests = mixed_requests()
+    greedy = token_ids(RegionEngine(model, processor).answer(requests))
+
+    torch.manual_seed(0)
+    narrow = RegionEngine(model, processor).answer(
+        with_options(requests, do_sample=True, temperature=5.0, top_p=1e-6)
+    )
+    torch.manual_seed(0)
+    wide = RegionEngine(model, processor).answer(with_options(requests, do_sample=True, temperature=5.0))
+
+    assert token_ids(narrow) == greedy
+    assert token_ids(wide) != greedy  # dozens of tokens from a flattened distribution: not all the argmax
+
+
+def test_nucleus_sampling_draws_only_from_the_smallest_set_reaching_top_p():
+    from roi_model.engine import _choose_tokens
+
+    torch.manual_seed(0)
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.6 keeps the first two (0.5 alone is short of 0.6)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    temperature, top_p = torch.ones(4000), torch.full((4000,), 0.6)
+
+    drawn = torch.bincount(_choose_tokens(logits, temperature, top_p), minlength=4)
+
+    assert drawn[2:].tolist() == [0, 0]
+    assert drawn[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalized within the nucleus
+    greedy_rows = _choose_tokens(logits, torch.tensor([0.0, 1.0] * 2000), torch.full((4000,), 1e-6))
+    assert greedy_rows.tolist() == [0] * 4000

@@ -520,20 +520,22 @@ def test_a_ground_truth_annotation_wins_over_the_others_the_newest_if_several():
             17,
             [
                 answered(60, "first"),
-                answered(61, "ground truth, older", ground_truth=True, updated_at="2026-01-02T10:00:00Z"),
-                answered(62, "ground truth, newer", ground_truth=True, updated_at="2026-01-03T10:00:00Z"),
+                answered(61, "ground truth, newer", ground_truth=True, updated_at="2026-01-03T10:00:00Z"),
+                answered(62, "ground truth, older", ground_truth=True, updated_at="2026-01-02T10:00:00Z"),
                 annotation(63, [], was_cancelled=True, ground_truth=True),
+                answered(64, "ground truth, no time", ground_truth=True, updated_at=None),  # oldest of all
             ],
         )
     ]
     conversion = convert(tasks)
-    assert [(r["id"], r["source"]["ground_truth"]) for r in conversion.records] == [("ls:3:17:62", True)]
+    # The newest by time, not by id.
+    assert [(r["id"], r["source"]["ground_truth"]) for r in conversion.records] == [("ls:3:17:61", True)]
     assert conversion.report["annotations_skipped"] == {
         "cancelled": [63],
-        "superseded_by_ground_truth": [60, 61],
+        "superseded_by_ground_truth": [60, 62, 64],
     }
     assert conversion.report["regions_skipped"] == {
-        "annotation_superseded_by_ground_truth": ["60:r1", "61:r1"]
+        "annotation_superseded_by_ground_truth": ["60:r1", "62:r1", "64:r1"]
     }
 
 
@@ -748,6 +750,15 @@ def test_a_report_that_does_not_add_up_is_refused():
     twice = {**report, "annotations_skipped": {**report["annotations_skipped"], "again": [83]}}
     with pytest.raises(AssertionError, match="two reasons"):
         check_report(twice)
+    uncounted = {**report, "by_origin": {**report["by_origin"], "manual": report["by_origin"]["manual"] + 1}}
+    with pytest.raises(AssertionError) as refusal:
+        check_report(uncounted)
+    assert str(refusal.value) == (
+        f"export report: by_origin {uncounted['by_origin']} does not add up to {report['answers']}"
+    )
+    with pytest.raises(AssertionError) as refusal:
+        check_report({**report, "records": report["records"] + 1})
+    assert str(refusal.value) == "export report: records and exported annotations differ"
 
 
 def test_the_output_does_not_depend_on_the_order_of_the_export(tmp_path):
@@ -1064,3 +1075,32 @@ def test_roi_model_export_converts_a_saved_export_file_and_refuses_json_min_by_n
     )
     assert refused.returncode == 2
     assert "JSON-MIN" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_skipped_reasoning_annotation_counts_a_box_on_another_image_once_under_its_own_reason():
+    two_boxes = [rectangle("a", 10, 20, 35, 40), rectangle("b", 50, 50, 25, 25)]
+    elsewhere = {**rectangle("z", 5, 5, 10, 10), "to_name": "other"}
+    tasks = [task(20, [annotation(75, [*two_boxes, elsewhere, reasoning_answer("no")])], data={"image": URL})]
+
+    report = convert(tasks, scheme=REASONING).report
+
+    assert report["annotations_skipped"] == {"no_question": [75]}
+    assert report["regions_skipped"] == {
+        "annotation_no_question": ["75:a", "75:b"],
+        "on_other_image": ["75:z"],
+    }
+
+
+def test_an_annotation_id_that_several_tasks_use_is_named_with_its_task():
+    # Label Studio's own fixtures reuse annotation ids across tasks: the report names each "<task>/<id>".
+    answered = [rectangle("r1", 10, 20, 35, 40), caption("r1", "a red circle")]
+    tasks = [
+        task(17, [annotation(9, answered, was_cancelled=True)]),
+        task(18, [annotation(9, answered, was_cancelled=True)]),
+        task(19, [annotation(10, answered, was_cancelled=True)]),
+    ]
+
+    report = convert(tasks).report
+
+    assert report["annotations_skipped"] == {"cancelled": [10, "17/9", "18/9"]}  # in id order
+    assert report["regions_skipped"] == {"annotation_cancelled": ["17/9:r1", "18/9:r1", "10:r1"]}

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from roi_contract.project import GateSettings
 from roi_contract.records import is_held_out
 from roi_model.synthetic import generate_world
 from roi_model.training import read_records
 from worker.finetune import (
     REPLAY_TOLERANCE,
+    GateThresholds,
     Scores,
     acceptance_by_version,
     gate,
@@ -56,6 +58,137 @@ def test_split_by_task_keeps_every_record_of_a_task_together(tmp_path):
 def test_the_gate(candidate, current, promoted, why):
     decision, reason = gate(candidate, current)
     assert decision is promoted and why in reason
+
+
+def per_kind(**values) -> dict[str, dict]:
+    """{"caption": (metric, value), ...} as Scores hold them."""
+    return {kind: {"metric": metric, "value": value} for kind, (metric, value) in values.items()}
+
+
+SERVED = Scores(
+    0.5,
+    0.9,
+    held_out_kinds=per_kind(caption=("cider_d", 1.0), left=("exact_match", 0.5)),
+    replay_kinds=per_kind(caption=("cider_d", 2.0), left=("exact_match", 0.9)),
+    replay_sets={"benchmark mini": per_kind(left=("exact_match", 0.8))},
+)
+
+
+def candidate(held_out=None, replay=None, sets=None) -> Scores:
+    """SERVED with some per-kind figures changed (the exact-match totals are not looked at then)."""
+    return Scores(
+        0.0,
+        0.0,
+        held_out_kinds={**SERVED.held_out_kinds, **per_kind(**(held_out or {}))},
+        replay_kinds={**SERVED.replay_kinds, **per_kind(**(replay or {}))},
+        replay_sets={
+            name: {**kinds, **per_kind(**(sets or {}))} for name, kinds in SERVED.replay_sets.items()
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("scores", "thresholds", "promoted", "reason"),
+    [
+        (
+            candidate(held_out={"caption": ("cider_d", 1.5)}),
+            None,
+            True,
+            "held-out caption cider_d 1.0 -> 1.5, left exact_match 0.5 -> 0.5; "
+            "replay caption cider_d 2.0 -> 2.0, left exact_match 0.9 -> 0.9; 1 replay sets kept",
+        ),
+        (
+            candidate(held_out={"caption": ("cider_d", 0.99)}),
+            None,
+            False,
+            "held-out caption cider_d fell from 1.0000 to 0.9900",
+        ),
+        (  # a tolerance is a share of the metric's range: CIDEr-D's is 0..10
+            candidate(held_out={"caption": ("cider_d", 0.9), "left": ("exact_match", 0.45)}),
+            GateThresholds(held_out_tolerance=0.01),
+            False,
+            "held-out left exact_match fell from 0.5000 to 0.4500, more than 0.01",
+        ),
+        (
+            candidate(held_out={"caption": ("cider_d", 0.9), "left": ("exact_match", 0.49)}),
+            GateThresholds(held_out_tolerance=0.01),
+            True,
+            "held-out caption cider_d 1.0 -> 0.9, left exact_match 0.5 -> 0.49",
+        ),
+        (
+            candidate(held_out={"caption": ("cider_d", 0.89)}),
+            GateThresholds(held_out_tolerance=0.01),
+            False,
+            "held-out caption cider_d fell from 1.0000 to 0.8900, more than 0.1",
+        ),
+        (
+            candidate(replay={"left": ("exact_match", 0.889)}),
+            None,
+            False,
+            f"replay left exact_match fell from 0.9000 to 0.8890, more than {REPLAY_TOLERANCE:g}",
+        ),
+        (candidate(replay={"left": ("exact_match", 0.89)}), None, True, "replay caption cider_d 2.0 -> 2.0"),
+        (
+            candidate(sets={"left": ("exact_match", 0.7)}),
+            None,
+            False,
+            "replay set 'benchmark mini': left exact_match fell from 0.8000 to 0.7000, more than 0.01",
+        ),
+        (  # a kind that cannot be compared does not stop the comparison of the next
+            candidate(held_out={"caption": ("cider_d", None), "left": ("exact_match", 0.4)}),
+            None,
+            False,
+            "held-out left exact_match fell from 0.5000 to 0.4000",
+        ),
+        (  # a figure not computed, or computed with another metric, is not compared
+            candidate(held_out={"caption": ("cider_d", None), "left": ("token_f1", 0.1)}),
+            None,
+            True,
+            "held-out caption cider_d 1.0 -> None, left exact_match 0.5 -> 0.1",
+        ),
+    ],
+    ids=[
+        "better",
+        "worse-caption",
+        "worse-beyond-tolerance",
+        "within-tolerance",
+        "cider-beyond-tolerance",
+        "replay-worse",
+        "replay-within",
+        "replay-set-worse",
+        "next-after-not-comparable",
+        "not-comparable",
+    ],
+)
+def test_the_gate_per_kind(scores, thresholds, promoted, reason):
+    decision, why = gate(scores, SERVED, thresholds)
+    assert decision is promoted
+    if promoted:
+        assert reason in why  # the summary of what was compared
+    else:
+        assert why == reason
+
+
+def test_the_gate_compares_only_the_kinds_both_versions_have():
+    new_kind = Scores(
+        0.0, None, held_out_kinds=per_kind(caption=("cider_d", 1.2), colour=("exact_match", 0.0))
+    )
+
+    assert gate(new_kind, SERVED) == (True, "held-out caption cider_d 1.0 -> 1.2")
+    # Without per-kind figures on one side, the overall exact match decides.
+    assert gate(Scores(0.5, None), SERVED) == (True, "held-out 0.5000 -> 0.5000")
+    assert gate(Scores(0.49, None), SERVED)[0] is False
+    assert gate(Scores(0.9, 0.97), Scores(0.6, 0.98)) == (
+        True,
+        "held-out 0.6000 -> 0.9000, replay 0.9800 -> 0.9700",
+    )
+
+
+def test_gate_thresholds_from_a_projects_settings_keep_the_defaults_it_leaves_out():
+    assert GateThresholds.from_settings(GateSettings(held_out_tolerance=0.05)) == GateThresholds(
+        held_out_tolerance=0.05
+    )
+    assert GateThresholds.from_settings(GateSettings()) == GateThresholds()
 
 
 def test_replay_of_a_synthetic_world_regenerates_its_first_images(tmp_path):

@@ -31,6 +31,7 @@ from backend.images import (
     load_image,
 )
 from backend.settings import Settings
+from backend.url_policy import Origin, Target, UrlRefused, check_target
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -385,6 +386,38 @@ def test_a_body_over_the_byte_cap_is_refused_while_streaming(other_host, setting
         load_image(f"{other_host.url}/stream.png", task_id=17, settings=settings)
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "streamed"])
+def test_a_body_of_exactly_the_byte_cap_is_accepted_and_one_byte_more_is_not(
+    other_host, settings, files, declared
+):
+    body = files["png"]
+    headers = {"Content-Length": str(len(body))} if declared else {}  # streamed: the connection's end ends it
+    other_host.routes["/edge.png"] = lambda request: (200, headers, body)
+    at_cap = dataclasses.replace(settings, image_max_bytes=len(body))
+    below = dataclasses.replace(settings, image_max_bytes=len(body) - 1)
+
+    assert load_image(f"{other_host.url}/edge.png", task_id=17, settings=at_cap).size == (64, 48)
+    refusal = (
+        f"{len(body)} bytes is more than ROI_IMAGE_MAX_BYTES={len(body) - 1}"
+        if declared
+        else f"the body is larger than ROI_IMAGE_MAX_BYTES={len(body) - 1}"
+    )
+    with pytest.raises(ImageRejected) as refused:
+        load_image(f"{other_host.url}/edge.png", task_id=17, settings=below)
+    assert refused.value.problem == refusal
+
+
+def test_a_content_length_over_the_cap_is_refused_before_the_body_is_read(other_host, settings, files):
+    # The header says one byte more than the cap; the body sent is within it: the header alone refuses.
+    body = files["png"]
+    other_host.routes["/liar.png"] = lambda request: (200, {"Content-Length": str(len(body) + 1)}, body)
+    settings = dataclasses.replace(settings, image_max_bytes=len(body))
+
+    with pytest.raises(ImageRejected) as refused:
+        load_image(f"{other_host.url}/liar.png", task_id=17, settings=settings)
+    assert refused.value.problem == f"{len(body) + 1} bytes is more than ROI_IMAGE_MAX_BYTES={len(body)}"
+
+
 def test_a_slow_server_is_given_up_on_after_the_timeout(other_host, settings, files):
     def slow(request: BaseHTTPRequestHandler) -> Reply:
         other_host.released.wait(timeout=30)
@@ -526,6 +559,17 @@ def test_local_files_are_refused_without_a_root(settings, local_root):
 def test_a_missing_local_file_is_a_clear_error(settings, local_root):
     with pytest.raises(ImageRejected, match="no such file"):
         load_image("imgs/missing.png", task_id=None, settings=settings)
+
+
+def test_a_local_file_of_exactly_the_byte_cap_is_read_and_one_byte_more_is_not(settings, local_root, files):
+    size = len(files["png"])
+    at_cap = dataclasses.replace(settings, image_max_bytes=size)
+    below = dataclasses.replace(settings, image_max_bytes=size - 1)
+
+    assert load_image("imgs/a.png", task_id=None, settings=at_cap).size == (64, 48)
+    with pytest.raises(ImageRejected) as refused:
+        load_image("imgs/a.png", task_id=None, settings=below)
+    assert refused.value.problem == f"the file is larger than ROI_IMAGE_MAX_BYTES={size - 1}"
 
 
 # --- recently fetched images ---------------------------------------------------------------------------
@@ -785,6 +829,109 @@ def test_look_alike_hosts_are_not_allowed(settings, host):
     # Refused before any name lookup: none of these resolves here, and none may be tried.
     with pytest.raises(ImageRejected, match=f"host '{host}' is not in ROI_IMAGE_ALLOWED_HOSTS"):
         load_image(f"http://{host}:1/b.png", task_id=17, settings=settings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evilexample.com/a.png",
+        "http://evil-example.com/a.png",
+        "http://images.example.com/a.png",
+        "http://example.com.evil.test/a.png",
+        "http://example.co/a.png",
+        "http://xample.com/a.png",
+        "http://evilexample.com:8443/a.png",
+    ],
+)
+def test_the_allow_list_matches_whole_host_names_only(url):
+    # check_target decides on the URL alone: nothing is resolved or fetched.
+    allowed = ("example.com", "example.com:8443")
+
+    assert (
+        check_target("http://example.com/a.png", "http://127.0.0.1:8080", allowed).origin.host
+        == "example.com"
+    )
+    assert (
+        check_target("https://EXAMPLE.com:8443/a.png", "http://127.0.0.1:8080", allowed).label_studio is False
+    )
+    with pytest.raises(UrlRefused, match="is not in ROI_IMAGE_ALLOWED_HOSTS"):
+        check_target(url, "http://127.0.0.1:8080", allowed)
+
+
+@pytest.mark.parametrize("entry", ["example.com:8443", " Example.COM:8443 "])
+def test_a_host_port_entry_matches_that_host_and_port_exactly(entry):
+    allowed = (entry,)
+
+    assert check_target("http://example.com:8443/a.png", "http://127.0.0.1:8080", allowed).path == "/a.png"
+    for url in ("http://example.com/a.png", "http://example.com:8444/a.png", "http://evilexample.com:8443/a"):
+        with pytest.raises(UrlRefused, match="is not in ROI_IMAGE_ALLOWED_HOSTS"):
+            check_target(url, "http://127.0.0.1:8080", allowed)
+
+
+LS_URL = "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://[::1/a.png", "not a valid URL (Failed to parse: '[::1' is not a valid host or port)"),
+        ("ftp://example.com/a.png", "unsupported URL scheme 'ftp'"),
+        ("//example.com/a.png", "unsupported URL scheme None"),
+        ("http:///a.png", "the URL has no host"),
+        ("http://user@example.com/a.png", "the URL carries user info ('user@host'), which is never sent"),
+        ("http://ex ample.com/a.png", "the URL contains whitespace or control characters"),
+        ("http://example.com/a\x7f.png", "the URL contains whitespace or control characters"),
+        (
+            "http://exa\\mple.com/a.png",
+            "the URL contains a backslash (URL parsers disagree on where its host ends)",
+        ),
+        (
+            f"{LS_URL}/api/projects/",
+            "'/api/projects/' is not a Label Studio media path (/data/..., /storage-data/...)",
+        ),
+        (
+            f"{LS_URL}/tasks/x/presign/",
+            "'/tasks/x/presign/' is not a Label Studio media path (/data/..., /storage-data/...)",
+        ),
+        (
+            f"{LS_URL}/data/%2e%2e/x",
+            "'/data/%2E%2E/x' is not a Label Studio media path (/data/..., /storage-data/...)",
+        ),
+        (f"{LS_URL}", "'/' is not a Label Studio media path (/data/..., /storage-data/...)"),
+        ("http://example.com./a.png", "host 'example.com.' is not in ROI_IMAGE_ALLOWED_HOSTS"),
+        # urllib3 decodes the host (and would connect to example.com); urllib.parse does not
+        ("http://%65xample.com/a.png", "URL parsers disagree on its host ('%65xample.com' or 'example.com')"),
+    ],
+)
+def test_each_refusal_names_its_reason(url, reason):
+    with pytest.raises(UrlRefused) as refusal:
+        check_target(url, LS_URL, ("example.com",))
+    assert str(refusal.value) == reason
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        (
+            f"{LS_URL}/data/upload/3/a.png",
+            Target(Origin("http", "127.0.0.1", 8080), "/data/upload/3/a.png", True),
+        ),
+        (f"{LS_URL}/storage-data/x", Target(Origin("http", "127.0.0.1", 8080), "/storage-data/x", True)),
+        (
+            f"{LS_URL}/tasks/17/presign/",
+            Target(Origin("http", "127.0.0.1", 8080), "/tasks/17/presign/", True),
+        ),
+        ("http://127.0.0.1:8081/api/x", Target(Origin("http", "127.0.0.1", 8081), "/api/x", False)),
+        ("https://Example.com/a.png", Target(Origin("https", "example.com", 443), "/a.png", False)),
+        ("http://example.com:/a.png", Target(Origin("http", "example.com", 80), "/a.png", False)),
+        ("http://example.com", Target(Origin("http", "example.com", 80), "/", False)),
+        ("http://[::1]:8443/a.png", Target(Origin("http", "[::1]", 8443), "/a.png", False)),
+        ('http://example.com/a!"b.png', Target(Origin("http", "example.com", 80), "/a!%22b.png", False)),
+    ],
+)
+def test_an_allowed_target_is_where_urllib3_connects(url, target):
+    assert check_target(url, LS_URL, ("example.com", "127.0.0.1:8081", "[::1]")) == target
+    assert str(target.origin) == f"{target.origin.scheme}://{target.origin.host}:{target.origin.port}"
 
 
 def test_allowed_hosts_compare_without_letter_case(other_host, settings, files):

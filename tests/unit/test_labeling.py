@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.labeling import LabelingScheme, UnsupportedConfig, scheme_from_config
+from backend.labeling import MAX_CONFIG_CHARS, LabelingScheme, UnsupportedConfig, scheme_from_config
 from roi_contract.project import Controls
 
 CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
@@ -275,3 +275,156 @@ def test_a_non_per_region_choices_cannot_be_the_answer():
     )
     with pytest.raises(UnsupportedConfig, match="answer 'quality' must be per-region"):
         scheme_from_config(xml, Controls(answer="quality"))
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        (
+            '<TextArea name="caption" toName="image" perRegion="true"/>',
+            '<TextArea name="notes" toName="image"/>',
+        ),
+        (
+            '<TextArea name="notes" toName="image"/>',
+            '<TextArea name="caption" toName="image" perRegion="true"/>',
+        ),
+        (
+            '<Text name="ask" value="$ask"/>',
+            '<TextArea name="caption" toName="image" perRegion="true"/>',
+            '<TextArea name="notes" toName="image"/>',
+        ),
+    ],
+    ids=["task-level-after", "task-level-before", "with-a-text-question"],
+)
+def test_a_task_level_textarea_beside_a_per_region_one_never_takes_the_answer(tags):
+    # The annotator's task-level notes field is not the model's: each box's caption goes to the per-region one.
+    scheme = scheme_from_config(view(IMAGE, RECTANGLE, *tags))
+
+    assert (scheme.kind, scheme.answer, scheme.per_region, scheme.question) == (
+        "caption",
+        "caption",
+        True,
+        None,
+    )
+
+
+@pytest.mark.parametrize("notes_at", [0, 1, 2], ids=["before", "between", "after"])
+def test_a_task_level_textarea_beside_two_per_region_ones_leaves_question_and_answer_to_them(notes_at):
+    tags = [
+        '<TextArea name="question" toName="image" perRegion="true"/>',
+        '<TextArea name="answer" toName="image" perRegion="true"/>',
+    ]
+    tags.insert(notes_at, '<TextArea name="notes" toName="image"/>')
+
+    scheme = scheme_from_config(view(IMAGE, RECTANGLE, *tags))
+
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "question", "answer")
+
+
+CHOICES_AND_NOTES = view(
+    IMAGE,
+    RECTANGLE,
+    '<TextArea name="note" toName="image" perRegion="true"/>',
+    '<TextArea name="remark" toName="image" perRegion="true"/>',
+    '<Choices name="kind" toName="image" perRegion="true"><Choice value="A"/></Choices>',
+)
+
+
+def test_a_choices_answer_has_no_question_and_refuses_a_named_one():
+    scheme = scheme_from_config(CHOICES_AND_NOTES)
+    assert (scheme.kind, scheme.answer, scheme.question) == ("classification", "kind", None)
+
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(CHOICES_AND_NOTES, Controls(question="note"))
+    assert str(error.value) == "question 'note' is not used when the answer is Choices"
+
+
+def test_reasoning_refusals_say_exactly_what_to_do():
+    no_text = view(IMAGE, RECTANGLE, '<TextArea name="answer" toName="image"/>')
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(no_text)
+    assert str(error.value) == (
+        "TextArea 'answer' is not per-region, and there is no <Text value=\"$question\"> question for it to "
+        'answer: make it perRegion="true" or add the <Text>'
+    )
+
+    fixed_text = view(
+        '<Text name="fixed" value="What is left?"/>', IMAGE, RECTANGLE, '<TextArea name="a" toName="image"/>'
+    )
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(fixed_text, Controls(question="fixed"))
+    assert (
+        str(error.value) == "question 'fixed' must be a <Text> whose value is a task data key like $question"
+    )
+
+
+def test_naming_the_first_per_region_textarea_as_question_takes_the_next_as_answer():
+    scheme = scheme_from_config(THREE_TEXTAREAS, Controls(question="notes"))
+    assert (scheme.kind, scheme.question, scheme.answer) == ("region_qa", "notes", "caption")
+
+
+def test_a_named_rectangle_chooses_the_image_it_draws_on():
+    xml = view(
+        IMAGE,
+        '<Image name="second" value="$second"/>',
+        RECTANGLE,
+        '<Rectangle name="box2" toName="second"/>',
+        '<TextArea name="caption" toName="image" perRegion="true"/>',
+        '<TextArea name="caption2" toName="second" perRegion="true"/>',
+    )
+
+    assert (scheme_from_config(xml).image, scheme_from_config(xml).rectangle) == ("image", "label")
+    named = scheme_from_config(xml, Controls(rectangle="box2"))
+    assert (named.image, named.image_key, named.rectangle, named.answer) == (
+        "second",
+        "second",
+        "box2",
+        "caption2",
+    )
+
+
+@pytest.mark.parametrize(
+    ("xml", "controls", "message"),
+    [
+        (
+            view('<Text name="t" value="$t"/>', '<TextArea name="a" toName="t" perRegion="true"/>'),
+            None,
+            "no <Image> object in the label config",
+        ),
+        (
+            view(IMAGE, RECTANGLE),
+            None,
+            "nothing for the model to fill: add a per-region TextArea or Choices on image 'image', "
+            'or a <Text value="$question"> with a task-level TextArea',
+        ),
+        (
+            THREE_TEXTAREAS,
+            Controls(rectangle="caption"),
+            "rectangle 'caption' is not a Rectangle/RectangleLabels control on image 'image'",
+        ),
+        (
+            THREE_TEXTAREAS,
+            Controls(answer="nope", question="nada"),
+            "extra_params 'controls' names tags the label config does not have: question='nada', answer='nope'",
+        ),
+    ],
+    ids=["no-image", "nothing-to-fill", "not-a-rectangle", "two-unknown-names"],
+)
+def test_refusals_word_for_word(xml, controls, message):
+    with pytest.raises(UnsupportedConfig) as error:
+        scheme_from_config(xml, controls)
+    assert str(error.value) == message
+
+
+def test_a_config_that_is_not_text_or_too_long_is_refused_before_parsing():
+    def refusal(xml) -> str:
+        with pytest.raises(UnsupportedConfig) as error:
+            scheme_from_config(xml)
+        return str(error.value)
+
+    assert refusal(42) == "label config is empty or not a string: '42'"
+    assert refusal(" " * 100) == f"label config is empty or not a string: {' ' * 80!r}"
+    config = read_config("region_captioning.xml")
+    padded = config + " " * (MAX_CONFIG_CHARS - len(config))  # exactly at the limit: read
+    assert scheme_from_config(padded).kind == "caption"
+    assert refusal(padded + " ") == f"label config is longer than {MAX_CONFIG_CHARS} characters"

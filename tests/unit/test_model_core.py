@@ -415,6 +415,49 @@ def test_roi_align_use_matches_direct_bilinear_sampling():
             assert torch.allclose(result[index], expected, atol=1e-5)
 
 
+def test_coordinate_channels_run_along_their_own_axis():
+    from roi_model.region_encoder import add_coordinate_channels
+
+    with_coords = add_coordinate_channels(torch.zeros(2, 3, 3, 5))  # 3 rows, 5 columns: not square
+
+    assert with_coords.shape == (2, 5, 3, 5)
+    assert torch.equal(with_coords[:, :3], torch.zeros(2, 3, 3, 5))
+    x, y = with_coords[0, 3], with_coords[0, 4]
+    assert torch.allclose(
+        x, torch.linspace(-1, 1, 5).expand(3, 5)
+    )  # x grows left to right, same on every row
+    assert torch.allclose(y, torch.linspace(-1, 1, 3)[:, None].expand(3, 5))  # y grows top to bottom
+
+
+def test_an_asymmetric_box_pools_its_own_position_from_the_coordinate_channels():
+    """A wide box near the top left: pooled x and y coordinates are the box centre's, not swapped."""
+    from roi_model.region_encoder import add_coordinate_channels, boxes_to_rois, multi_level_roi_align
+
+    image_size = 64
+    coords = add_coordinate_channels(torch.zeros(1, 0, 16, 16))
+    box = [0.05, 0.55, 0.45, 0.75]  # x from 0.05 to 0.45, y from 0.55 to 0.75
+    [pooled] = multi_level_roi_align(
+        [coords],
+        boxes_to_rois([torch.tensor([box])], image_size),
+        image_size,
+        output_size=4,
+        sampling_ratio=2,
+    )
+
+    pooled = pooled[0]  # the one box: (x, y) channels x 4 x 4 bins
+
+    # The channels span -1..1 over pixel centres 0.5..15.5 of the 16-pixel grid.
+    def channel_value(fraction: float) -> float:
+        return -1 + 2 * (fraction * 16 - 0.5) / 15
+
+    centre_x, centre_y = pooled[0].mean().item(), pooled[1].mean().item()
+    assert centre_x == pytest.approx(channel_value(0.25), abs=1e-4)
+    assert centre_y == pytest.approx(channel_value(0.65), abs=1e-4)
+    # Left to right within the box x grows and y does not; top to bottom the other way round.
+    assert pooled[0, 0, -1] > pooled[0, 0, 0] and pooled[1, 0, -1] == pytest.approx(pooled[1, 0, 0].item())
+    assert pooled[1, -1, 0] > pooled[1, 0, 0] and pooled[0, -1, 0] == pytest.approx(pooled[0, 0, 0].item())
+
+
 def test_gpt4roi_7b_region_encoder_has_the_paper_shapes():
     with torch.device("meta"):
         model = RegionLLMForCausalLM(gpt4roi_7b_config())

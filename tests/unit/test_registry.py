@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -150,8 +151,11 @@ def test_promoting_the_served_version_again_changes_nothing(registry, source):
 
 
 def test_rollback_without_promotions_is_a_clear_error(registry):
-    with pytest.raises(RegistryError, match="no promotion"):
+    with pytest.raises(RegistryError) as refusal:
         registry.rollback()
+    assert str(refusal.value) == (
+        f"nothing to roll back to: the promotion history of {registry.root} holds no promotion"
+    )
 
 
 def test_unknown_versions_are_clear_errors(registry, source):
@@ -302,3 +306,34 @@ def test_training_runs_are_appended_and_read_back_in_order(registry):
 
     assert [run["promoted"] for run in registry.training_runs()] == ["v2", None]
     assert ModelRegistry(registry.root).training_runs()[1]["held_out"] == 0.4
+
+
+def test_each_move_of_the_pointer_is_logged_with_what_was_served_before(registry, source, caplog):
+    registry.publish(source)
+    registry.publish(source)
+    with caplog.at_level(logging.INFO, logger="worker.registry"):
+        registry.promote("v1")
+        registry.promote("v2")
+        registry.rollback()
+
+    assert [record.getMessage() for record in caplog.records if record.name == "worker.registry"] == [
+        "promote: now serving model version v1 (was None)",
+        "promote: now serving model version v2 (was v1)",
+        "rollback: now serving model version v1 (was v2)",
+    ]
+
+
+def test_registry_refusals_word_for_word(registry, source):
+    with pytest.raises(UnknownVersion) as refusal:
+        registry.path("v1")
+    assert str(refusal.value) == f"model version 'v1' not found in {registry.versions_dir} (known: none)"
+    registry.publish(source)
+    registry.publish(source)
+    with pytest.raises(UnknownVersion, match=r"\(known: v1, v2\)$"):
+        registry.path("v3")
+    with pytest.raises(RegistryError) as refusal:
+        registry.path("../v1")
+    assert str(refusal.value) == (
+        "invalid model version name '../v1': use letters, digits, '.', '_' and '-' "
+        "(not starting with '.' or '-', at most 100 characters)"
+    )

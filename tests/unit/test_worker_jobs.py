@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -24,7 +29,7 @@ from roi_contract.describe import DescribeRequest
 from roi_model.assembly import save_pretrained
 from roi_model.engine import RegionEngine
 from worker.failures import is_transient
-from worker.jobs import describe_regions, engine_request
+from worker.jobs import describe_regions, engine_request, prelabel_tasks
 from worker.logs import JsonLinesFormatter
 from worker.model_host import ModelHost, NoModelServed
 from worker.process_context import WorkerContext, activate, current
@@ -56,6 +61,15 @@ def request(**changes) -> dict:
         (LabelStudioError("get tasks", 502, "bad gateway"), True),
         (LabelStudioError("get tasks", 429, "slow down"), True),
         (LabelStudioError("get project", 404, "not found"), False),
+        (LabelStudioError("create prediction", 500, "server error"), True),
+        (LabelStudioError("create prediction", 503, "unavailable"), True),
+        (LabelStudioError("create prediction", 504, "gateway timeout"), True),
+        (LabelStudioError("create prediction", 400, "result: invalid"), False),
+        (LabelStudioError("create prediction", 401, "no token"), False),
+        (LabelStudioError("create prediction", 403, "forbidden"), False),
+        (LabelStudioError("create prediction", 428, "just below 429"), False),
+        (LabelStudioError("create prediction", 430, "just above 429"), False),
+        (LabelStudioError("create prediction", 499, "just below 500"), False),
         (redis.ConnectionError("reset"), True),
         (redis.TimeoutError("timeout"), True),
         (requests.ConnectionError("refused"), True),
@@ -185,6 +199,144 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
     }
     with pytest.raises(NoModelServed, match="job functions run inside roi-worker"):
         current()
+
+
+# --- prelabel_tasks against a stand-in Label Studio -----------------------------------------------------
+
+API_KEY = "0123456789abcdef0123456789abcdef01234567"
+CAPTION_CONFIG = (
+    Path(__file__).resolve().parents[2] / "labeling_configs" / "region_captioning.xml"
+).read_text()
+
+
+class PredictionStore:
+    """The Label Studio endpoints prelabel_tasks calls, on 127.0.0.1: one project, its tasks, and a prediction
+    endpoint that answers `write_status[task]` (201: stored) for each task's prediction."""
+
+    def __init__(self, project: dict, tasks: list[dict], write_status: dict[int, int]) -> None:
+        self.stored: dict[int, dict] = {}
+        self.writes: Counter = Counter()
+        store = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = urlsplit(self.path).path
+                if path == f"/api/projects/{project['id']}/":
+                    self.reply(200, project)
+                elif path == "/api/tasks/":
+                    self.reply(200, {"tasks": tasks, "total": len(tasks)})
+                else:
+                    self.reply(404, {"detail": "not found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if urlsplit(self.path).path != "/api/predictions/":
+                    self.reply(404, {"detail": "not found"})
+                    return
+                task = body["task"]
+                store.writes[task] += 1
+                status = write_status.get(task, 201)
+                if status == 201:
+                    store.stored[task] = body
+                    self.reply(201, {"id": 100 + task, **body})
+                else:
+                    self.reply(status, {"detail": f"cannot store the prediction (HTTP {status})"})
+
+            def reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def annotated_task(task_id: int) -> dict:
+    box = {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0, "rectanglelabels": ["Object"]}
+    rectangle = {
+        "id": "b1",
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "value": box,
+    }
+    return {
+        "id": task_id,
+        "data": {"image": "scene.png"},
+        "annotations": [{"id": task_id * 10, "result": [rectangle], "created_at": "2026-01-01T00:00:00Z"}],
+        "predictions": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """A model host serving a tiny model as v1, and a local files root holding scene.png (built once)."""
+    tmp_path = tmp_path_factory.mktemp("served")
+    model, processor = make_tiny("clip")
+    save_pretrained(model, processor, tmp_path / "tiny")
+    registry = ModelRegistry(tmp_path / "models")
+    registry.import_model(tmp_path / "tiny", version="v1")
+    files = tmp_path / "files"
+    files.mkdir()
+    noise_image(64, 48).save(files / "scene.png")
+    host = ModelHost(registry)
+    host.load()
+    return files, host
+
+
+def prelabel_with(served_model, write_status: dict[int, int]) -> tuple[PredictionStore, Callable[[], dict]]:
+    files, host = served_model
+    store = PredictionStore(
+        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG},
+        [annotated_task(17), annotated_task(18)],
+        write_status,
+    )
+    settings = Settings(
+        label_studio_url=store.url, label_studio_api_key=API_KEY, local_files_root=files, max_new_tokens=4
+    )
+    activate(WorkerContext(settings, host=host))
+    return store, lambda: prelabel_tasks(3, [17, 18])
+
+
+def test_a_transient_label_studio_error_while_writing_a_prediction_retries_the_job(served_model):
+    status = 503  # the SDK retries it twice, then gives up: prelabel_tasks must hand it to RQ
+    store, prelabel = prelabel_with(served_model, {18: status})
+    try:
+        with pytest.raises(LabelStudioError) as failure:
+            prelabel()
+    finally:
+        activate(None)
+        store.close()
+
+    assert failure.value.status_code == status and is_transient(failure.value)  # RQ retries the job
+    assert set(store.stored) == {17}  # what was written before stays written; a retry skips it
+    assert store.stored[17]["model_version"] == "v1"
+
+
+def test_a_permanent_label_studio_error_while_writing_lists_the_task_as_failed(served_model):
+    store, prelabel = prelabel_with(served_model, {18: 400})
+    try:
+        summary = prelabel()
+    finally:
+        activate(None)
+        store.close()
+
+    assert (summary["predicted"], set(store.stored)) == (1, {17})
+    [failed] = summary["failed"]
+    assert failed["task"] == 18 and "HTTP 400" in failed["reason"]
+    assert store.writes[18] == 1  # a refusal is not retried
 
 
 # --- logs -----------------------------------------------------------------------------------------------
