@@ -153,16 +153,23 @@ def test_without_a_current_version_the_host_refuses_with_one_sentence(tmp_path):
 # --- the describe job in this process -------------------------------------------------------------------
 
 
-def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(tmp_path):
+def serve_tiny(tmp_path, version: str) -> tuple[Path, ModelHost]:
+    """A model host serving a tiny model as `version`, and a local files root holding scene.png."""
     model, processor = make_tiny("clip")
     save_pretrained(model, processor, tmp_path / "tiny")
     registry = ModelRegistry(tmp_path / "models")
-    registry.import_model(tmp_path / "tiny", version="v7")
+    registry.import_model(tmp_path / "tiny", version=version)
     files = tmp_path / "files"
     files.mkdir()
     noise_image(64, 48).save(files / "scene.png")
     host = ModelHost(registry)
     host.load()
+    return files, host
+
+
+def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(tmp_path):
+    files, host = serve_tiny(tmp_path, "v7")
+    registry = host.registry
     activate(WorkerContext(Settings(local_files_root=files), host=host))
     try:
         result = describe_regions(request())
@@ -282,18 +289,8 @@ def annotated_task(task_id: int) -> dict:
 
 @pytest.fixture(scope="module")
 def served_model(tmp_path_factory):
-    """A model host serving a tiny model as v1, and a local files root holding scene.png (built once)."""
-    tmp_path = tmp_path_factory.mktemp("served")
-    model, processor = make_tiny("clip")
-    save_pretrained(model, processor, tmp_path / "tiny")
-    registry = ModelRegistry(tmp_path / "models")
-    registry.import_model(tmp_path / "tiny", version="v1")
-    files = tmp_path / "files"
-    files.mkdir()
-    noise_image(64, 48).save(files / "scene.png")
-    host = ModelHost(registry)
-    host.load()
-    return files, host
+    """serve_tiny as v1, built once for the module."""
+    return serve_tiny(tmp_path_factory.mktemp("served"), "v1")
 
 
 def prelabel_with(served_model, write_status: dict[int, int]) -> tuple[PredictionStore, Callable[[], dict]]:
