@@ -64,6 +64,9 @@ class Settings:
     finetune_lineage: str = "project"
     # Bytes of LoRA adapter weights a worker keeps loaded (least recently used evicted first).
     adapter_cache_bytes: int = 1 << 30
+    # Bytes of adapters' ready weights (W + scale * B @ A of each adapted layer) a worker keeps for the most
+    # recently served adapters; switching to one of them costs nothing (roi_model/adapters.py).
+    adapter_ready_bytes: int = 512 << 20
     # A worker that serves this one project with its adapter merged into the weights (None: every project).
     merge_project: int | None = None
 
@@ -124,5 +127,6 @@ class Settings:
             train_devices=positive("ROI_TRAIN_DEVICES", cls.train_devices),
             finetune_lineage=lineage,
             adapter_cache_bytes=positive("ROI_ADAPTER_CACHE_BYTES", cls.adapter_cache_bytes),
+            adapter_ready_bytes=positive("ROI_ADAPTER_READY_BYTES", cls.adapter_ready_bytes),
             merge_project=int(merge) if merge else None,
         )

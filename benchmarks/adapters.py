@@ -7,13 +7,17 @@ the base's length and the figures measure the adapter's cost alone). Interactive
 on a few images (what an annotator's drawing sends: the image features are cached after an image's first
 box), are timed with:
 
-- the base alone (a host that never loaded an adapter);
+- the base alone (a host that never loaded an adapter, answering projects that never trained);
 - 1, 4 and 16 adapters in rotation: call i is answered for project i mod N, so every call switches adapter;
-- the base from the host that holds the 16 adapters (their layers switched off).
+- the base from the host that holds the 16 adapters (their layers switched off), for projects that never
+  trained;
+- 16 in rotation on a host whose ready weights hold one adapter (ROI_ADAPTER_READY_BYTES=1, as a model
+  too large for more would): every switch computes the next adapter's weights again.
 
 Configurations are interleaved round by round, so a load that other work puts on a shared machine falls on
 all of them alike. Target: at most 10 % added at p50 with 16 adapters over the base alone. Also reported:
-each adapter's weights in bytes (the cache's measure, ROI_ADAPTER_CACHE_BYTES) and on disk, the process's
+each adapter's weights in bytes (the cache's measure, ROI_ADAPTER_CACHE_BYTES) and on disk, its ready weights
+(ROI_ADAPTER_READY_BYTES; all 16 fit in the default), the process's
 resident memory added by loading the 16, and the adapter load time (first call of a project) at p50 and max.
 torch runs on --threads threads (default 1, as a worker beside other processes). Progress goes to stderr.
 """
@@ -121,9 +125,16 @@ def main() -> None:
             if path.suffix == ".safetensors"
         )
 
-        configurations = {"base": (base_host, [None])}
+        never_trained = list(range(max(ROTATIONS) + 1, 2 * max(ROTATIONS) + 1))  # served the base
+        configurations = {"base": (base_host, never_trained)}
         configurations |= {f"rotation_{n}": (host, list(range(1, n + 1))) for n in ROTATIONS}
-        configurations["base_beside_16_adapters"] = (host, [None])
+        configurations["base_beside_16_adapters"] = (host, never_trained)
+        # where one adapter's ready weights alone fill ROI_ADAPTER_READY_BYTES (a large model): every switch
+        # computes W + scale * B @ A again
+        rewriting = ModelHost(registry, adapter_ready_bytes=1)
+        rewriting.load()
+        trained = list(range(1, max(ROTATIONS) + 1))
+        configurations["rotation_16_ready_weights_rewritten"] = (rewriting, trained)
         timings: dict[str, list[float]] = {name: [] for name in configurations}
         rng = random.Random(0)
         for round_ in range(args.rounds + 1):  # round 0 warms every cache and is not counted
@@ -154,6 +165,7 @@ def main() -> None:
         "target_added_at_16": 0.10,
         "adapter_weight_bytes": adapter_bytes,
         "adapter_file_bytes": on_disk,
+        "ready_weight_bytes_per_adapter": host.adapter_stats()["ready_bytes"] // max(ROTATIONS),
         "resident_bytes_added_per_adapter": (after_adapters - before_adapters) // max(ROTATIONS),
         "adapter_load_ms": {
             "p50": round(statistics.median(loads) * 1000, 2),

@@ -17,6 +17,8 @@ import hashlib
 import json
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from safetensors import safe_open
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DEFAULT_READY_BYTES = 512 << 20
 
 
 class AdapterError(ValueError):
@@ -88,12 +91,18 @@ class AdapterSet:
     linear layer at every token, which on a small model costs more than the layer itself (measured on the
     demo model: 2.3x the base's interactive latency with an adapter active, 1.5x with the adapters switched
     off). Here each adapter is kept as its peft weights (A, B and the scale per layer, peft's
-    load_peft_weights); activating one writes W + scale * B @ A into a buffer per targeted layer (the
-    slot, one copy of those layers' weights, allocated once) and points the layer at it; activating None
-    points every layer back at the base's own weight tensors, untouched, so the base answers bit for bit.
+    load_peft_weights); activating one points each targeted layer at that adapter's *ready weights*,
+    W + scale * B @ A, computed at its first activation; activating None points every layer back at the
+    base's own weight tensors, untouched, so the base answers bit for bit.
+
+    Ready weights are one more copy of the targeted layers per adapter, so they are kept for the most
+    recently activated adapters within `ready_bytes` (always at least the active one's): where several fit
+    (a small model, a large GPU), switching between them is a pointer swap; beyond it the least recently
+    used adapter's buffers are rewritten for the next one (r multiply-adds per weight, which on a 7B model
+    on a GPU is a few milliseconds).
     """
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, *, ready_bytes: int = DEFAULT_READY_BYTES) -> None:
         if getattr(engine, "family", None) != "region_llm":
             raise AdapterError(
                 f"per-project adapters are served on region-LLM (GPT4RoI family) models; this base is "
@@ -104,14 +113,16 @@ class AdapterSet:
         self._layers = dict(engine.model.language_model.named_modules())  # looked up at every switch
         self._deltas: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         self._base: dict[str, torch.nn.Parameter] = {}  # layer name -> the base's own weight
-        self._slots: dict[str, torch.nn.Parameter] = {}  # layer name -> W + scale * B @ A of the active one
+        # adapter name -> {layer name: W + scale * B @ A}, least recently activated first
+        self._ready: OrderedDict[str, dict[str, torch.nn.Parameter]] = OrderedDict()
+        self.ready_bytes = ready_bytes
         self.loaded: dict[str, int] = {}  # name -> bytes of its weights on the device
         self.active: str | None = None
         self.merged: str | None = None
 
     @property
-    def slot_bytes(self) -> int:
-        return sum(slot.numel() * slot.element_size() for slot in self._slots.values())
+    def ready_bytes_used(self) -> int:
+        return sum(_bytes_of(weights.values()) for weights in self._ready.values())
 
     def load(self, name: str, directory: str | Path) -> float:
         """Load the adapter of `directory` under `name` (inactive); returns the seconds it took."""
@@ -149,9 +160,7 @@ class AdapterSet:
                 )
             deltas[layer_name] = (down.to(weight.dtype), up.to(weight.dtype), scale)
         self._deltas[name] = deltas
-        self.loaded[name] = sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in deltas.values()
-        )
+        self.loaded[name] = _bytes_of(tensor for down, up, _ in deltas.values() for tensor in (down, up))
         return time.monotonic() - started
 
     def unload(self, name: str) -> None:
@@ -160,8 +169,7 @@ class AdapterSet:
         if self.active == name:
             self.activate(None)
         del self._deltas[name], self.loaded[name]
-        if not self.loaded:
-            self._slots.clear()  # no adapter left: give the slot's memory back
+        self._ready.pop(name, None)
         self.engine.forget_variant(name)
 
     @torch.no_grad()
@@ -178,18 +186,35 @@ class AdapterSet:
             for layer_name in self._deltas[self.active]:
                 layers[layer_name].weight = self._base[layer_name]
         if name is not None and self.merged is None:
-            for layer_name, (down, up, scale) in self._deltas[name].items():
-                layer = layers[layer_name]
-                base = self._base.setdefault(layer_name, layer.weight)
-                slot = self._slots.get(layer_name)
-                if slot is None:
-                    slot = self._slots[layer_name] = torch.nn.Parameter(
-                        torch.empty_like(base), requires_grad=False
-                    )
-                torch.addmm(base, up, down, alpha=scale, out=slot.data)
-                layer.weight = slot
+            ready = self._ready.get(name)
+            if ready is None:
+                ready = self._make_ready(name)
+            self._ready.move_to_end(name)
+            for layer_name, weight in ready.items():
+                layers[layer_name].weight = weight
         self.active = name
         self.engine.variant = name or ""
+
+    def _make_ready(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """Compute adapter `name`'s ready weights, in the buffers of the adapters it evicts where they fit."""
+        deltas = self._deltas[name]
+        for layer_name in deltas:
+            self._base.setdefault(layer_name, self._layers[layer_name].weight)
+        needed = _bytes_of(self._base[layer_name] for layer_name in deltas)
+        spare: dict[str, torch.nn.Parameter] = {}
+        while self._ready and self.ready_bytes_used + needed > self.ready_bytes:
+            _, evicted = self._ready.popitem(last=False)
+            spare.update(evicted)
+        ready = {}
+        for layer_name, (down, up, scale) in deltas.items():
+            base = self._base[layer_name]
+            weight = spare.pop(layer_name, None)
+            if weight is None:
+                weight = torch.nn.Parameter(torch.empty_like(base), requires_grad=False)
+            torch.addmm(base, up, down, alpha=scale, out=weight.data)
+            ready[layer_name] = weight
+        self._ready[name] = ready
+        return ready
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -205,3 +230,7 @@ class AdapterSet:
         self.merged = name
         self.active = name
         self.engine.variant = name
+
+
+def _bytes_of(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=dtype,
         connection=connection,
         adapter_cache_bytes=settings.adapter_cache_bytes,
+        adapter_ready_bytes=settings.adapter_ready_bytes,
         merge_project=settings.merge_project,
     )
     try:

@@ -12,11 +12,12 @@ all cards) to Redis for the backend's /setup and /versions, which cannot read th
 Projects (issue 22): the base is loaded once; `serve(project)` answers as the project is served now
 (worker/registry.py), with its LoRA adapter when it has one. Adapters are loaded on first use into a cache
 bounded in bytes of adapter weights (ROI_ADAPTER_CACHE_BYTES, least recently used evicted first), so a
-project's calls after its first pay no load; switching between loaded adapters writes the active one's
-weights into one slot (roi_model/adapters.py: no per-token cost).
+project's calls after its first pay no load; switching to a loaded adapter points the language model's
+layers at its ready weights (roi_model/adapters.py: no per-token cost; computed again only for an adapter
+whose ready weights were dropped beyond ROI_ADAPTER_READY_BYTES).
 `answer` splits a batch that mixes projects into one engine call per adapter. A worker given
 `merge_project` (ROI_MERGE_PROJECT) serves that one project with its adapter merged into the weights
-(no slot, no switching) and refuses every other project.
+(no ready weights, no switching) and refuses every other project.
 
 Job functions reach the host of their process through worker.process_context.
 """
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 EngineLoader = Callable[[Path], "RegionModel"]
 DEFAULT_ADAPTER_CACHE_BYTES = 1 << 30
+DEFAULT_ADAPTER_READY_BYTES = 512 << 20  # roi_model.adapters.DEFAULT_READY_BYTES, without importing torch
 
 
 class NoModelServed(RuntimeError):
@@ -62,12 +64,14 @@ class ModelHost:
         connection: redis.Redis | None = None,
         loader: EngineLoader | None = None,
         adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
+        adapter_ready_bytes: int = DEFAULT_ADAPTER_READY_BYTES,
         merge_project: int | None = None,
     ) -> None:
         if adapter_cache_bytes < 1:
             raise ValueError(f"the adapter cache needs at least 1 byte, got {adapter_cache_bytes}")
         self.registry = registry
         self.adapter_cache_bytes = adapter_cache_bytes
+        self.adapter_ready_bytes = adapter_ready_bytes
         self.merge_project = merge_project
         self._adapters: AdapterSet | None = None
         self._cache = _AdapterCache(self, adapter_cache_bytes)
@@ -258,6 +262,7 @@ class ModelHost:
             "loaded": len(self._cache),
             "bytes": self._cache.currsize,
             "max_bytes": self.adapter_cache_bytes,
+            "ready_bytes": self._adapters.ready_bytes_used if self._adapters is not None else 0,
             "loads": self.adapter_loads,
         }
 
@@ -265,7 +270,7 @@ class ModelHost:
         if self._adapters is None:
             from roi_model.adapters import AdapterSet
 
-            self._adapters = AdapterSet(self.engine)
+            self._adapters = AdapterSet(self.engine, ready_bytes=self.adapter_ready_bytes)
         return self._adapters
 
     def _release(self) -> None:

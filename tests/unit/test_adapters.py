@@ -97,6 +97,54 @@ def test_each_adapter_answers_as_itself_and_switched_off_the_base_answers_bit_fo
     assert type(engine.model.language_model).__name__ == "LlamaForCausalLM"
 
 
+def test_ready_weights_are_kept_within_their_bytes_and_rewritten_for_the_next_adapter(world, adapters):
+    """Within ready_bytes a switch is a pointer swap (the same tensors, nothing computed); beyond it the least
+    recently activated adapter's buffers are rewritten for the next, and every adapter still answers as
+    itself. Below one adapter's size, the active one's are kept all the same."""
+    requests = requests_of(world, count=1)
+    engine = load_region_model(DEMO)
+    probe = AdapterSet(engine)
+    probe.load("a", adapters["a"])
+    probe.activate("a")
+    one = probe.ready_bytes_used
+    alone = {"a": texts(engine.answer(requests))}
+    probe.unload("a")
+    assert probe.ready_bytes_used == 0
+
+    engine = load_region_model(DEMO)
+    loaded = AdapterSet(engine, ready_bytes=2 * one)  # room for two adapters' ready weights
+    for name in "abc":
+        loaded.load(name, adapters[name])
+    layers = dict(engine.model.language_model.named_modules())
+    targeted = next(iter(loaded._deltas["a"]))
+
+    def weight_of_a_targeted_layer():
+        return layers[targeted].weight
+
+    loaded.activate("a")
+    weight_a = weight_of_a_targeted_layer()
+    loaded.activate("b")
+    weight_b = weight_of_a_targeted_layer()
+    loaded.activate("a")
+    assert weight_of_a_targeted_layer() is weight_a and loaded.ready_bytes_used == 2 * one
+    assert texts(engine.answer(requests)) == alone["a"]
+    loaded.activate("c")  # evicts b's, the least recently activated, and takes its buffers
+    assert weight_of_a_targeted_layer() is weight_b and loaded.ready_bytes_used == 2 * one
+    loaded.activate("b")  # b again: computed again, into a's buffers
+    assert weight_of_a_targeted_layer() is weight_a
+    loaded.activate("a")
+    assert texts(engine.answer(requests)) == alone["a"]
+
+    engine = load_region_model(DEMO)
+    tight = AdapterSet(engine, ready_bytes=1)
+    for name in "ab":
+        tight.load(name, adapters[name])
+    for name in "abba":
+        tight.activate(name)
+        assert tight.ready_bytes_used == one
+    assert texts(engine.answer(requests)) == alone["a"]
+
+
 def test_an_active_adapter_answers_as_peft_applies_it(world, adapters):
     from peft import PeftModel
 
@@ -113,7 +161,7 @@ def test_an_active_adapter_answers_as_peft_applies_it(world, adapters):
     assert [a.score for r in got for a in r] == pytest.approx(
         [a.score for r in expected for a in r], abs=1e-4
     )
-    assert loaded.slot_bytes > 0 and loaded.loaded["a"] < loaded.slot_bytes
+    assert loaded.ready_bytes_used > 0 and loaded.loaded["a"] < loaded.ready_bytes_used
 
 
 def test_a_merged_adapter_answers_as_the_adapter_and_refuses_others(world, adapters):
@@ -213,12 +261,18 @@ def test_the_adapter_cache_is_bounded_in_bytes_and_evicts_the_least_recently_use
     probe = ModelHost(registry)
     probe.load()
     probe.serve(1)
-    size = probe.adapter_stats()["bytes"]
+    size, ready = probe.adapter_stats()["bytes"], probe.adapter_stats()["ready_bytes"]
     host = ModelHost(registry, adapter_cache_bytes=2 * size)  # room for two
     host.load()
-    for project in (1, 2, 1, 3):  # 3 evicts 2, the least recently used
+    for project in (1, 2, 1, 3):  # 3 evicts 2, the least recently used, and its ready weights go with it
         host.serve(project)
-    assert host.adapter_stats() == {"loaded": 2, "bytes": 2 * size, "max_bytes": 2 * size, "loads": 3}
+    assert host.adapter_stats() == {
+        "loaded": 2,
+        "bytes": 2 * size,
+        "max_bytes": 2 * size,
+        "ready_bytes": 2 * ready,
+        "loads": 3,
+    }
     assert sorted(host._adapters.loaded) == ["p1-v1", "p3-v1"]
     host.serve(1)
     assert host.adapter_loads == 3
