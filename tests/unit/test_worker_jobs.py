@@ -9,27 +9,41 @@ import logging
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
 import requests
 from PIL import Image
+from rq import SimpleWorker
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
 from rq.timeouts import JobTimeoutException
+from tiny_adapters import random_adapter
 from tiny_models import make_tiny, noise_image
 
 from backend.images import ImageRejected, ImageUnavailable
 from backend.ls_client import LabelStudioError
+from backend.queues import PRELABEL, SERIALIZER, connect, get_queue
+from backend.selections import cancel_selection, selection_status, start_selection
 from backend.settings import Settings
+from devstack.redis_server import EmbeddedRedis
 from roi_contract.describe import DescribeRequest
 from roi_model.assembly import save_pretrained
 from roi_model.engine import RegionEngine
 from worker.failures import is_transient
-from worker.jobs import describe_regions, engine_request, prelabel_tasks
+from worker.jobs import (
+    _failure,
+    describe_regions,
+    engine_request,
+    prelabel_chunk,
+    prelabel_chunk_failed,
+    prelabel_tasks,
+)
 from worker.logs import JsonLinesFormatter
 from worker.model_host import ModelHost, NoModelServed
 from worker.process_context import WorkerContext, activate, current
@@ -208,6 +222,64 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
         current()
 
 
+class PresigningLabelStudio:
+    """Label Studio's presign endpoint for task 17 on 127.0.0.1, answering the image itself; counts requests."""
+
+    def __init__(self, image: bytes) -> None:
+        self.requests: list[str] = []
+        seen = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(urlsplit(self.path).path)
+                found = urlsplit(self.path).path == "/tasks/17/presign/"
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "image/png" if found else "text/plain")
+                body = image if found else b"not found"
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_describe_regions_answers_as_the_project_is_served_and_fetches_a_cloud_image_once(tmp_path):
+    """The project's adapter answers a project's request; a cloud URI is presigned through its task, and a
+    second box on the same image (what an annotator draws next) reuses the bytes fetched for the first."""
+    files, host = serve_tiny(tmp_path, "v7")
+    lineage = host.registry.lineage(5)
+    adapter = random_adapter(host.engine.model.language_model, tmp_path / "adapter", seed=3)
+    lineage.promote(lineage.publish(adapter, extra={"base": "v7", "project": 5}))
+    label_studio = PresigningLabelStudio((files / "scene.png").read_bytes())
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=API_KEY)
+    activate(WorkerContext(settings, host=host))
+    cloud = {"url": "s3://bucket/scene-of-the-describe-test.png", "task_id": 17}
+    try:
+        first = describe_regions(request(image=cloud, project=5))
+        second = describe_regions(request(image=cloud, project=5, max_new_tokens=4))
+        base = describe_regions(request(image=cloud))
+        with pytest.raises(ValueError, match=r"^describe request: "):
+            describe_regions(request(max_new_tokens="many"))
+    finally:
+        activate(None)
+        label_studio.close()
+
+    assert label_studio.requests == ["/tasks/17/presign/"]
+    assert first["model_version"] == second["model_version"] == "v7+p5-v1"
+    assert base["model_version"] == "v7"
+    assert [a["text"] for a in first["answers"]] != [a["text"] for a in base["answers"]]
+
+
 # --- prelabel_tasks against a stand-in Label Studio -----------------------------------------------------
 
 API_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -217,8 +289,9 @@ CAPTION_CONFIG = (
 
 
 class PredictionStore:
-    """The Label Studio endpoints prelabel_tasks calls, on 127.0.0.1: one project, its tasks, and a prediction
-    endpoint that answers `write_status[task]` (201: stored) for each task's prediction."""
+    """The Label Studio endpoints prelabel_tasks calls, on 127.0.0.1: one project, its tasks (the selected
+    ones, with the predictions stored since), and a prediction endpoint that answers `write_status[task]`
+    (201: stored) for each task's prediction."""
 
     def __init__(self, project: dict, tasks: list[dict], write_status: dict[int, int]) -> None:
         self.stored: dict[int, dict] = {}
@@ -231,7 +304,20 @@ class PredictionStore:
                 if path == f"/api/projects/{project['id']}/":
                     self.reply(200, project)
                 elif path == "/api/tasks/":
-                    self.reply(200, {"tasks": tasks, "total": len(tasks)})
+                    query = json.loads(parse_qs(urlsplit(self.path).query)["query"][0])
+                    wanted = set(query["selectedItems"]["included"])
+                    found = [
+                        task
+                        | {
+                            "predictions": [
+                                *task["predictions"],
+                                *([store.stored[task["id"]]] if task["id"] in store.stored else []),
+                            ]
+                        }
+                        for task in tasks
+                        if task["id"] in wanted
+                    ]
+                    self.reply(200, {"tasks": found, "total": len(found)})
                 else:
                     self.reply(404, {"detail": "not found"})
 
@@ -322,6 +408,17 @@ def test_a_transient_label_studio_error_while_writing_a_prediction_retries_the_j
     assert store.stored[17]["model_version"] == "v1"
 
 
+def test_project_settings_that_do_not_parse_are_refused_by_name(served_model):
+    store, _ = prelabel_with(served_model, {})
+    try:
+        with pytest.raises(ValueError, match=r"^project settings: "):
+            prelabel_tasks(3, [17], {"prompts": "describe everything"})
+    finally:
+        activate(None)
+        store.close()
+    assert store.writes == Counter()
+
+
 def test_a_permanent_label_studio_error_while_writing_lists_the_task_as_failed(served_model):
     store, prelabel = prelabel_with(served_model, {18: 400})
     try:
@@ -334,6 +431,206 @@ def test_a_permanent_label_studio_error_while_writing_lists_the_task_as_failed(s
     [failed] = summary["failed"]
     assert failed["task"] == 18 and "HTTP 400" in failed["reason"]
     assert store.writes[18] == 1  # a refusal is not retried
+
+
+# --- chunks of a selection, run by an RQ worker on a real redis-server -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def connection(redis_server) -> Iterator[redis.Redis]:
+    client = connect(Settings(redis_url=redis_server.url))
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run_selection(connection, served_model, store, task_ids, **selection) -> str:
+    """Plan a selection of project 3 and run its chunks in this process, as a prelabel worker would."""
+    files, host = served_model
+    settings = Settings(
+        label_studio_url=store.url, label_studio_api_key=API_KEY, local_files_root=files, max_new_tokens=4
+    )
+    status = start_selection(
+        connection,
+        3,
+        task_ids,
+        chunk_tasks=selection.get("chunk_tasks", 8),
+        job_name="worker.jobs.prelabel_chunk",
+        project_settings=None,
+        failure_callback="worker.jobs.prelabel_chunk_failed",
+    )
+    if selection.get("cancel"):
+        cancel_selection(connection, status["selection"])
+    activate(WorkerContext(settings, connection=connection, host=host))
+    try:
+        SimpleWorker([get_queue(PRELABEL, connection)], connection=connection, serializer=SERIALIZER).work(
+            burst=True
+        )
+    finally:
+        activate(None)
+    return status["selection"]
+
+
+def claim_of(connection, task_id: int) -> bytes | None:
+    return connection.get(f"roi:prediction:3:{task_id}:v1")
+
+
+def test_a_chunk_writes_claims_and_counts_each_task_once_into_its_selection(connection, served_model):
+    tasks = [annotated_task(17), annotated_task(18), annotated_task(20) | {"annotations": []}]
+    store = PredictionStore({"id": 3, "title": "captions", "label_config": CAPTION_CONFIG}, tasks, {18: 400})
+    try:
+        selection = run_selection(connection, served_model, store, [17, 18, 19, 20], chunk_tasks=2)
+        status = selection_status(connection, selection)
+        # the same tasks again, in a selection of their own: 17 is written already, 18 is tried again
+        again = run_selection(connection, served_model, store, [18, 17])
+    finally:
+        store.close()
+
+    assert {k: status[k] for k in ("state", "total", "done", "failed", "chunks", "chunks_ended")} == {
+        "state": "finished",
+        "total": 4,
+        "done": 2,  # 17 predicted, 20 has no region
+        "failed": 2,
+        "chunks": 2,
+        "chunks_ended": 2,
+    }
+    assert status["failures"] == {  # by kind: no task ids or status codes in the reason
+        "no such task": 1,
+        "Label Studio create prediction for task …: HTTP …: cannot store the prediction (HTTP …)": 1,
+    }
+    assert set(store.stored) == {17} and store.stored[17]["model_version"] == "v1"
+    assert claim_of(connection, 17) == f"{selection}-c0".encode()  # the chunk that wrote it
+    assert claim_of(connection, 18) is None  # its write failed for good: the claim is given back
+    assert store.writes == Counter({17: 1, 18: 2})  # 18 tried by both selections, 17 written once
+    second = selection_status(connection, again)
+    assert (second["done"], second["failed"]) == (1, 1)
+    job = Job.fetch(f"{again}-c0", connection=connection, serializer=SERIALIZER)
+    summary = job.return_value()
+    assert (summary["predicted"], summary["skipped_existing"], len(summary["failed"])) == (0, 1, 1)
+
+
+def test_a_task_claimed_by_another_selection_is_not_written_twice(connection, served_model):
+    store = PredictionStore(
+        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG}, [annotated_task(17)], {}
+    )
+    connection.set("roi:prediction:3:17:v1", "sel-3-other-c0")  # a chunk of an overlapping selection
+    try:
+        selection = run_selection(connection, served_model, store, [17])
+    finally:
+        store.close()
+
+    assert store.writes == Counter()
+    summary = Job.fetch(f"{selection}-c0", connection=connection, serializer=SERIALIZER).return_value()
+    assert (summary["predicted"], summary["skipped_existing"]) == (0, 1)
+    assert selection_status(connection, selection)["done"] == 1
+    assert claim_of(connection, 17) == b"sel-3-other-c0"  # not taken over, not released
+
+
+def test_a_chunk_of_a_cancelled_selection_writes_nothing_and_ends(connection, served_model):
+    store = PredictionStore(
+        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG}, [annotated_task(17)], {}
+    )
+    _, host = served_model
+    try:
+        selection = run_selection(connection, served_model, store, [17], cancel=True)
+        # a chunk that a worker had taken before the cancel runs all the same: it must stop at once
+        activate(WorkerContext(Settings(label_studio_url=store.url), connection=connection, host=host))
+        try:
+            assert prelabel_chunk(3, selection, 0, [17]) == {"cancelled": True}
+        finally:
+            activate(None)
+    finally:
+        store.close()
+
+    assert store.writes == Counter()
+    status = selection_status(connection, selection)
+    assert {k: status[k] for k in ("state", "done", "failed", "chunks_ended")} == {
+        "state": "cancelled",
+        "done": 0,
+        "failed": 0,
+        "chunks_ended": 1,
+    }
+
+
+def chunk_job(connection, *, retries_left: int | None) -> tuple[str, Job]:
+    status = start_selection(
+        connection,
+        3,
+        [17, 18, 19],
+        chunk_tasks=8,
+        job_name="worker.jobs.prelabel_chunk",
+        project_settings=None,
+    )
+    job = Job.fetch(f"{status['selection']}-c0", connection=connection, serializer=SERIALIZER)
+    job.retries_left = retries_left
+    return status["selection"], job
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        LabelStudioError("create prediction", 503, "unavailable"),
+        AbandonedJobError("the worker died"),
+        requests.ConnectionError("connection refused"),
+    ],
+    ids=["label-studio-503", "worker-died", "connection-refused"],
+)
+def test_a_chunk_that_will_be_retried_is_not_counted_yet(connection, error):
+    selection, job = chunk_job(connection, retries_left=1)
+    prelabel_chunk_failed(job, connection, type(error), error, None)
+    status = selection_status(connection, selection)
+    assert (status["failed"], status["chunks_ended"], status["failures"]) == (0, 0, {})
+
+
+@pytest.mark.parametrize("retries_left", [None, 0, 1])
+def test_a_chunk_that_failed_for_good_counts_all_its_tasks_as_failed_with_the_error(connection, retries_left):
+    selection, job = chunk_job(connection, retries_left=retries_left)
+    error = ValueError("the label config has no RectangleLabels " + "x" * 400)
+    if retries_left:  # a permanent error is not retried, retries left or not
+        assert not is_transient(error)
+    prelabel_chunk_failed(job, connection, ValueError, error, None)
+    prelabel_chunk_failed(job, connection, ValueError, error, None)  # RQ may call it again: counted once
+    status = selection_status(connection, selection)
+    reason = f"the chunk failed: ValueError: {error}"[:300]
+    assert len(reason) == 300
+    assert (status["state"], status["failed"], status["done"], status["failures"]) == (
+        "finished",
+        3,
+        0,
+        {reason: 3},
+    )
+
+
+def test_a_transient_error_counts_the_chunk_as_failed_once_its_retries_are_spent(connection):
+    selection, job = chunk_job(connection, retries_left=0)
+    error = LabelStudioError("create prediction", 503, "unavailable")
+    prelabel_chunk_failed(job, connection, LabelStudioError, error, None)
+    status = selection_status(connection, selection)
+    assert status["failures"] == {f"the chunk failed: LabelStudioError: {error}"[:300]: 3}
+
+
+def test_a_failure_is_counted_by_its_kind_without_urls_paths_or_numbers():
+    error = ValueError("task 12 at http://ls:8080/data/upload/3/a.png has 3 boxes; see /data/media/x")
+    assert _failure(12, error) == {
+        "task": 12,
+        "reason": str(error),
+        "kind": "task … at … has … boxes; see …",
+    }
+    rejected = ImageRejected("http://ls:8080/data/upload/3/a.png", "HTTP 404 for 2 tries")
+    assert _failure(4, rejected) == {"task": 4, "reason": str(rejected), "kind": "HTTP … for … tries"}
+    assert _failure(1, ValueError("y" * 500))["kind"] == "y" * 200
 
 
 # --- logs -----------------------------------------------------------------------------------------------
