@@ -3,7 +3,7 @@ the stack up with the CPU worker variant (docker-compose.cpu.yml), the demo mode
 `docker compose run`, and Label Studio driven through its API: a captioning project connected to the
 backend by its service name, an interactive caption, a bulk pre-label written back, Start Training giving
 a new version that the worker reloads. Then the faults: Redis restarted during a bulk pre-label, a worker
-killed mid-job, the backend restarted while a request waits.
+killed while it holds a chunk, the backend killed while a request waits.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
         LOG_LEVEL="INFO",
         BACKEND_WORKERS="2",
         ROI_FINETUNE_LINEAGE="global",
+        ROI_PRELABEL_CHUNK_TASKS="4",  # 6 chunks of the 24 tasks: a worker holds one most of the time
     )
     stack = ComposeStack(f"roi-label-full-{port}", env, FILES)
     stack.port = port  # type: ignore[attr-defined]
@@ -215,7 +216,36 @@ def test_redis_restarted_during_a_bulk_prelabel_loses_no_job(
     assert all(len(found) == 1 for found in done.values()), {task: len(found) for task, found in done.items()}
 
 
-def test_a_killed_worker_job_is_run_by_a_second_worker(
+# Run in the backend's container (it has rq and the settings): waits until a worker holds a chunk of a
+# selection and prints that worker's host name (its container's id), name and the chunk's job id.
+CHUNK_HOLDER = """
+import sys, time
+from rq import Worker
+from backend.queues import connect
+from backend.settings import Settings
+connection = connect(Settings.from_env())
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline:
+    for worker in Worker.all(connection=connection):
+        job = worker.get_current_job_id()
+        if job and job.startswith("sel-"):
+            print(worker.hostname, worker.name, job)
+            sys.exit(0)
+    time.sleep(0.05)
+sys.exit("no worker took a chunk of the selection in 600 s")
+"""
+
+JOB_STATE = """
+import sys
+from rq.job import Job
+from backend.queues import SERIALIZER, connect
+from backend.settings import Settings
+job = Job.fetch(sys.argv[1], connection=connect(Settings.from_env()), serializer=SERIALIZER)
+print(job.get_status(), job.worker_name)
+"""
+
+
+def test_a_worker_killed_while_it_holds_a_chunk_has_the_chunk_run_by_the_other(
     client: LabelStudioClient, world: Path, stack: ComposeStack
 ) -> None:
     stack.run("up", "--detach", "--no-build", "--no-recreate", "--scale", "worker=2", "worker", timeout=600)
@@ -223,30 +253,55 @@ def test_a_killed_worker_job_is_run_by_a_second_worker(
                             if line == "worker healthy") == 2, 900, "two healthy workers", poll_s=5)  # fmt: skip
     version = current_version(stack)
     setup = _project(client, world, "worker-kill")
+    holder = subprocess.Popen(
+        stack.command("exec", "-T", "backend", "python3", "-c", CHUNK_HOLDER),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     client.retrieve_predictions(setup.project)
-    names = stack.run("ps", "--format", "{{.Name}}", "worker").split()
-    subprocess.run(["docker", "kill", names[0]], check=True, capture_output=True)
+    out, err = holder.communicate(timeout=700)
+    assert holder.returncode == 0, err
+    container, killed_worker, chunk = out.split()
+    subprocess.run(["docker", "kill", container], check=True, capture_output=True)
+    print(f"killed worker {killed_worker} (container {container}) while it held {chunk}")
+
     done = wait_until(
         lambda: every_task_predicted(client, setup, version), 1200, "every task predicted", poll_s=2
     )
-    assert all(len(found) == 1 for found in done.values())
+    assert all(len(found) == 1 for found in done.values()), {task: len(found) for task, found in done.items()}
+    status, finished_by = stack.exec("backend", "python3", "-c", JOB_STATE, chunk).split()
+    assert (status, finished_by != killed_worker) == ("finished", True), (status, finished_by)
 
 
-def test_the_backend_restarted_while_a_request_waits(
+def test_the_backend_killed_while_a_request_waits_gives_an_error_then_service(
     client: LabelStudioClient, project: ProjectSetup, world: Path, stack: ComposeStack
 ) -> None:
+    """The worker paused, so the interactive request is certainly waiting in the backend when the backend's
+    container is killed (no graceful stop that lets it finish): Label Studio answers it with an error, and
+    once the backend is up again the same drawing gets its caption."""
     records = world_records(world)
     [task] = client.get_tasks(project.project, project.task_ids[1:2])
     drawn = drawn_rectangle(records[task["data"]["record_id"]], 0, "drawn-2")
+    queued = ("exec", "-T", "redis", "redis-cli", "LLEN", "rq:queue:interactive")
+    workers = stack.run("ps", "--quiet", "worker").split()  # the running ones (one was killed before)
+    subprocess.run(["docker", "pause", *workers], check=True, capture_output=True)
     replies: list[JSON] = []
     waiting = threading.Thread(
         target=lambda: replies.append(client.interactive_annotating(project.ml_backend, task["id"], [drawn]))
     )
-    waiting.start()
-    stack.run("restart", "backend", timeout=300)
-    waiting.join(200)
+    try:
+        waiting.start()
+        wait_until(lambda: int(stack.run(*queued).strip() or 0) >= 1, 120, "the request's job queued")
+        stack.run("kill", "backend", timeout=120)
+        waiting.join(300)
+    finally:
+        subprocess.run(["docker", "unpause", *workers], check=True, capture_output=True)
+        stack.run("up", "--detach", "--no-build", "backend", timeout=300)
     assert replies, "Label Studio never answered"
+    assert replies[0].get("errors"), replies[0]  # an error that says the backend failed, not a caption
+    print("reply while the backend was killed:", replies[0])
     wait_until(lambda: stack.health("backend") == "healthy", 300, "the backend healthy again", poll_s=2)
     again = client.interactive_annotating(project.ml_backend, task["id"], [drawn])
     assert "errors" not in again, again
-    print("reply while restarting:", replies[0])
+    assert textareas(again["data"]["result"]), again
