@@ -16,14 +16,13 @@ import random
 import re
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
+from standin_label_studio import API_KEY, StandInLabelStudio
 
 from backend.dataset import DATA_FILE, MANIFEST_FILE, REPORT_FILE, export_project, write_dataset
 from backend.export import (
@@ -805,54 +804,6 @@ def test_an_export_that_is_not_a_task_list_is_a_clear_error():
 
 
 # --- the I/O part, against a stand-in Label Studio on loopback -----------------------------------------
-
-API_KEY = "0123456789abcdef0123456789abcdef01234567"
-Route = Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]
-
-
-class StandInLabelStudio:
-    """The few Label Studio endpoints an export uses, on 127.0.0.1, answering only with the right token."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Route] = {}
-        self.requests: list[tuple[str, str | None]] = []  # (path, Authorization)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = urlsplit(self.path).path
-                server.requests.append((path, self.headers.get("Authorization")))
-                route = server.routes.get(path)
-                if route is None:
-                    status, headers, body = 404, {}, b'{"detail": "not found"}'
-                elif self.headers.get("Authorization") != f"Token {API_KEY}" and not path.startswith(
-                    "/open/"
-                ):
-                    status, headers, body = 401, {}, b'{"detail": "no token"}'
-                else:
-                    status, headers, body = route(self)
-                self.send_response(status)
-                for name, value in {"Content-Length": str(len(body)), **headers}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
-
-    def serve(self, path: str, body: bytes | list | dict, headers: dict[str, str] | None = None) -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        kind = {} if isinstance(body, bytes) else {"Content-Type": "application/json"}
-        self.routes[path] = lambda request: (200, {**kind, **(headers or {})}, data)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def jpeg_shown_portrait() -> bytes:

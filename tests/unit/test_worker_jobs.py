@@ -23,6 +23,7 @@ from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
+from standin_label_studio import API_KEY, StandInLabelStudio
 from tiny_adapters import random_adapter
 from tiny_models import make_tiny, noise_image
 
@@ -222,37 +223,6 @@ def test_describe_regions_answers_like_the_engine_and_checks_the_request_first(t
         current()
 
 
-class PresigningLabelStudio:
-    """Label Studio's presign endpoint for task 17 on 127.0.0.1, answering the image itself; counts requests."""
-
-    def __init__(self, image: bytes) -> None:
-        self.requests: list[str] = []
-        seen = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                seen.append(urlsplit(self.path).path)
-                found = urlsplit(self.path).path == "/tasks/17/presign/"
-                self.send_response(200 if found else 404)
-                self.send_header("Content-Type", "image/png" if found else "text/plain")
-                body = image if found else b"not found"
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_describe_regions_answers_as_the_project_is_served_and_fetches_a_cloud_image_once(tmp_path):
     """The project's adapter answers a project's request; a cloud URI is presigned through its task, and a
     second box on the same image (what an annotator draws next) reuses the bytes fetched for the first."""
@@ -260,7 +230,10 @@ def test_describe_regions_answers_as_the_project_is_served_and_fetches_a_cloud_i
     lineage = host.registry.lineage(5)
     adapter = random_adapter(host.engine.model.language_model, tmp_path / "adapter", seed=3)
     lineage.promote(lineage.publish(adapter, extra={"base": "v7", "project": 5}))
-    label_studio = PresigningLabelStudio((files / "scene.png").read_bytes())
+    label_studio = StandInLabelStudio()
+    label_studio.serve(
+        "/tasks/17/presign/", (files / "scene.png").read_bytes(), {"Content-Type": "image/png"}
+    )
     settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=API_KEY)
     activate(WorkerContext(settings, host=host))
     cloud = {"url": "s3://bucket/scene-of-the-describe-test.png", "task_id": 17}
@@ -274,7 +247,7 @@ def test_describe_regions_answers_as_the_project_is_served_and_fetches_a_cloud_i
         activate(None)
         label_studio.close()
 
-    assert label_studio.requests == ["/tasks/17/presign/"]
+    assert label_studio.requests == [("/tasks/17/presign/", f"Token {API_KEY}")]
     assert first["model_version"] == second["model_version"] == "v7+p5-v1"
     assert base["model_version"] == "v7"
     assert [a["text"] for a in first["answers"]] != [a["text"] for a in base["answers"]]
@@ -282,7 +255,6 @@ def test_describe_regions_answers_as_the_project_is_served_and_fetches_a_cloud_i
 
 # --- prelabel_tasks against a stand-in Label Studio -----------------------------------------------------
 
-API_KEY = "0123456789abcdef0123456789abcdef01234567"
 CAPTION_CONFIG = (
     Path(__file__).resolve().parents[2] / "labeling_configs" / "region_captioning.xml"
 ).read_text()
@@ -468,7 +440,7 @@ def run_selection(connection, served_model, store, task_ids, **selection) -> str
         task_ids,
         chunk_tasks=selection.get("chunk_tasks", 8),
         job_name="worker.jobs.prelabel_chunk",
-        project_settings=None,
+        project_settings=selection.get("project_settings"),
         failure_callback="worker.jobs.prelabel_chunk_failed",
     )
     if selection.get("cancel"):
@@ -536,6 +508,47 @@ def test_a_task_claimed_by_another_selection_is_not_written_twice(connection, se
     assert (summary["predicted"], summary["skipped_existing"]) == (0, 1)
     assert selection_status(connection, selection)["done"] == 1
     assert claim_of(connection, 17) == b"sel-3-other-c0"  # not taken over, not released
+
+
+def test_a_chunk_whose_project_settings_do_not_parse_fails_and_counts_its_tasks(connection, served_model):
+    store = PredictionStore(
+        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG}, [annotated_task(17)], {}
+    )
+    try:
+        selection = run_selection(
+            connection, served_model, store, [17, 18], project_settings={"prompts": "x"}
+        )
+    finally:
+        store.close()
+
+    assert store.writes == Counter()
+    status = selection_status(connection, selection)
+    [reason] = status["failures"]
+    assert reason.startswith("the chunk failed: ContractError: project settings: prompts")
+    assert (status["state"], status["failed"], status["failures"][reason]) == ("finished", 2, 2)
+
+
+def test_prelabel_tasks_outside_a_job_writes_without_claims(connection, served_model):
+    """Called directly (no RQ job, so no chunk to own a claim) with a Redis connection at hand: no claim is
+    taken or given back, and a failed write is listed."""
+    files, host = served_model
+    store = PredictionStore(
+        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG},
+        [annotated_task(17), annotated_task(18)],
+        {18: 400},
+    )
+    settings = Settings(
+        label_studio_url=store.url, label_studio_api_key=API_KEY, local_files_root=files, max_new_tokens=4
+    )
+    activate(WorkerContext(settings, connection=connection, host=host))
+    try:
+        summary = prelabel_tasks(3, [17, 18])
+    finally:
+        activate(None)
+        store.close()
+
+    assert (summary["predicted"], [f["task"] for f in summary["failed"]]) == (1, [18])
+    assert connection.keys("roi:prediction:*") == []
 
 
 def test_a_chunk_of_a_cancelled_selection_writes_nothing_and_ends(connection, served_model):
