@@ -43,10 +43,7 @@ class StandInLabelStudio:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+        self.httpd, self.url = serve_in_thread(Handler)
 
     def serve(self, path: str, body: bytes | list | dict, headers: dict[str, str] | None = None) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -56,3 +53,11 @@ class StandInLabelStudio:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """`handler` serving on a free port of 127.0.0.1 from a daemon thread; the server and its URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"

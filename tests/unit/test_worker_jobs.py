@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
@@ -23,7 +22,7 @@ from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
-from standin_label_studio import API_KEY, StandInLabelStudio
+from standin_label_studio import API_KEY, StandInLabelStudio, serve_in_thread
 from tiny_adapters import random_adapter
 from tiny_models import make_tiny, noise_image
 
@@ -318,10 +317,7 @@ class PredictionStore:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+        self.httpd, self.url = serve_in_thread(Handler)
 
     def close(self) -> None:
         self.httpd.shutdown()
