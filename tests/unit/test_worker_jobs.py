@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -254,26 +255,36 @@ def test_describe_regions_answers_as_the_project_is_served_and_fetches_a_cloud_i
 
 # --- prelabel_tasks against a stand-in Label Studio -----------------------------------------------------
 
-CAPTION_CONFIG = (
-    Path(__file__).resolve().parents[2] / "labeling_configs" / "region_captioning.xml"
-).read_text()
+CONFIGS = Path(__file__).resolve().parents[2] / "labeling_configs"
+CAPTION_CONFIG = (CONFIGS / "region_captioning.xml").read_text()
 
 
 class PredictionStore:
     """The Label Studio endpoints prelabel_tasks calls, on 127.0.0.1: one project, its tasks (the selected
-    ones, with the predictions stored since), and a prediction endpoint that answers `write_status[task]`
-    (201: stored) for each task's prediction."""
+    ones, with the predictions stored since), a prediction endpoint that answers `write_status[task]`
+    (201: stored) for each task's prediction, and the presign endpoint of cloud URIs, answering `image`."""
 
-    def __init__(self, project: dict, tasks: list[dict], write_status: dict[int, int]) -> None:
+    def __init__(
+        self, project: dict, tasks: list[dict], write_status: dict[int, int], image: bytes = b""
+    ) -> None:
         self.stored: dict[int, dict] = {}
         self.writes: Counter = Counter()
+        self.presigned: list[int] = []
         store = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = urlsplit(self.path).path
+                presign = re.fullmatch(r"/tasks/(\d+)/presign/", path)
                 if path == f"/api/projects/{project['id']}/":
                     self.reply(200, project)
+                elif presign and image:
+                    store.presigned.append(int(presign[1]))
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    self.wfile.write(image)
                 elif path == "/api/tasks/":
                     query = json.loads(parse_qs(urlsplit(self.path).query)["query"][0])
                     wanted = set(query["selectedItems"]["included"])
@@ -387,6 +398,116 @@ def test_project_settings_that_do_not_parse_are_refused_by_name(served_model):
     assert store.writes == Counter()
 
 
+def prelabel_project(
+    served_model, config: str, tasks: list[dict], **settings_changes
+) -> tuple[PredictionStore, dict]:
+    """prelabel_tasks of every task, on a stand-in Label Studio holding them; the store and the summary."""
+    files, host = served_model
+    store = PredictionStore(
+        {"id": 3, "title": "project", "label_config": config},
+        tasks,
+        {},
+        image=(files / "scene.png").read_bytes(),
+    )
+    chosen = {"label_studio_api_key": API_KEY, "max_new_tokens": 4} | settings_changes
+    settings = Settings(label_studio_url=store.url, local_files_root=files, **chosen)
+    activate(WorkerContext(settings, host=host))
+    try:
+        summary = prelabel_tasks(3, [task["id"] for task in tasks])
+    finally:
+        activate(None)
+        store.close()
+    return store, summary
+
+
+def caption_of(prediction: dict) -> str:
+    [answer] = [item for item in prediction["result"] if item["type"] == "textarea"]
+    return answer["value"]["text"][0]
+
+
+def test_prelabel_presigns_cloud_images_through_their_task_and_answers_within_the_token_limit(served_model):
+    tasks = [annotated_task(task_id) for task_id in (17, 21)]
+    for task in tasks:
+        task["data"]["image"] = f"s3://bucket/scene-{task['id']}.png"
+    short, summary = prelabel_project(served_model, CAPTION_CONFIG, tasks, max_new_tokens=2)
+    longer, _ = prelabel_project(served_model, CAPTION_CONFIG, tasks, max_new_tokens=8)
+
+    assert (summary["predicted"], summary["failed"]) == (2, [])
+    assert sorted(short.presigned) == [17, 21]
+    for task_id, prediction in short.stored.items():
+        assert prediction["model_version"] == "v1" and 0.0 < prediction["score"] <= 1.0
+        [rectangle] = [item for item in prediction["result"] if item["type"] == "rectanglelabels"]
+        assert rectangle["value"]["x"] == pytest.approx(10) and rectangle["value"]["width"] == pytest.approx(
+            30
+        )
+        assert len(caption_of(prediction)) < len(caption_of(longer.stored[task_id]))
+
+
+def test_prelabel_answers_the_question_typed_for_each_region(served_model):
+    config = (CONFIGS / "region_qa.xml").read_text()
+    task = annotated_task(17)
+    [rectangle] = task["annotations"][0]["result"]
+    task["annotations"][0]["result"].append(
+        {
+            **rectangle,
+            "from_name": "question",
+            "type": "textarea",
+            "value": {**rectangle["value"], "text": ["What colour is <region1>?"]},
+        }
+    )
+    store, summary = prelabel_project(served_model, config, [task])
+
+    assert (summary["predicted"], summary["failed"]) == (1, [])
+    answer = [item for item in store.stored[17]["result"] if item["from_name"] == "answer"]
+    assert [item["id"] for item in answer] == ["b1"]
+
+
+def test_prelabel_without_an_api_key_refuses_before_reading_anything(served_model):
+    with pytest.raises(ValueError, match=r"^LABEL_STUDIO_API_KEY is not set: prelabeling reads tasks"):
+        prelabel_project(served_model, CAPTION_CONFIG, [annotated_task(17)], label_studio_api_key="")
+
+
+def test_a_reasoning_answer_is_written_in_the_numbering_of_the_task_question(served_model):
+    """The question names boxes 2 and 3 of three: the job asks about them as region1 and region2, and the
+    answer's references are written back as the task's own numbers."""
+    from backend.describe_jobs import describe_request
+    from backend.labeling import scheme_from_config
+    from backend.ls_client import LabelStudioClient
+    from backend.regions import task_regions
+    from roi_contract.project import Prompts
+    from worker.jobs import _PlannedTask, _write_prediction, _WriteClaims
+
+    scheme = scheme_from_config((CONFIGS / "multi_region_reasoning.xml").read_text())
+    task = annotated_task(17)
+    [first] = task["annotations"][0]["result"]
+    task["annotations"][0]["result"] = [
+        first,
+        {**first, "id": "b2", "value": {**first["value"], "x": 50}},
+        {**first, "id": "b3", "value": {**first["value"], "y": 5}},
+    ]
+    task["data"]["question"] = "Is <region2> above <region3>?"
+    regions, source = task_regions(task, scheme)
+    request = describe_request(task, regions, scheme, Prompts(), source_result=source, max_new_tokens=8)
+    store = PredictionStore({"id": 3, "title": "reasoning", "label_config": ""}, [task], {})
+    summary = {"predicted": 0, "skipped_existing": 0, "failed": []}
+    answer = SimpleNamespace(text="No, region1 is below region2.", score=-0.1, truncated=False)
+    try:
+        _write_prediction(
+            LabelStudioClient(store.url, API_KEY),
+            scheme,
+            _PlannedTask(17, regions, request, image=None),
+            [answer],
+            "v1",
+            summary,
+            _WriteClaims(None, 3, "v1", None),
+        )
+    finally:
+        store.close()
+
+    assert summary["predicted"] == 1
+    assert caption_of(store.stored[17]) == "No, region2 is below region3."
+
+
 def test_a_permanent_label_studio_error_while_writing_lists_the_task_as_failed(served_model):
     store, prelabel = prelabel_with(served_model, {18: 400})
     try:
@@ -489,21 +610,24 @@ def test_a_chunk_writes_claims_and_counts_each_task_once_into_its_selection(conn
     assert (summary["predicted"], summary["skipped_existing"], len(summary["failed"])) == (0, 1, 1)
 
 
-def test_a_task_claimed_by_another_selection_is_not_written_twice(connection, served_model):
+def test_tasks_claimed_by_another_selection_are_not_written_twice(connection, served_model):
     store = PredictionStore(
-        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG}, [annotated_task(17)], {}
+        {"id": 3, "title": "captions", "label_config": CAPTION_CONFIG},
+        [annotated_task(17), annotated_task(21)],
+        {},
     )
-    connection.set("roi:prediction:3:17:v1", "sel-3-other-c0")  # a chunk of an overlapping selection
+    for task_id in (17, 21):  # claimed by a chunk of an overlapping selection
+        connection.set(f"roi:prediction:3:{task_id}:v1", "sel-3-other-c0")
     try:
-        selection = run_selection(connection, served_model, store, [17])
+        selection = run_selection(connection, served_model, store, [17, 21])
     finally:
         store.close()
 
     assert store.writes == Counter()
     summary = Job.fetch(f"{selection}-c0", connection=connection, serializer=SERIALIZER).return_value()
-    assert (summary["predicted"], summary["skipped_existing"]) == (0, 1)
-    assert selection_status(connection, selection)["done"] == 1
-    assert claim_of(connection, 17) == b"sel-3-other-c0"  # not taken over, not released
+    assert (summary["predicted"], summary["skipped_existing"]) == (0, 2)
+    assert selection_status(connection, selection)["done"] == 2
+    assert claim_of(connection, 17) == claim_of(connection, 21) == b"sel-3-other-c0"  # neither taken over
 
 
 def test_a_chunk_whose_project_settings_do_not_parse_fails_and_counts_its_tasks(connection, served_model):
