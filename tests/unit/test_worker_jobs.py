@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -287,7 +288,10 @@ class PredictionStore:
                     self.wfile.write(image)
                 elif path == "/api/tasks/":
                     query = json.loads(parse_qs(urlsplit(self.path).query)["query"][0])
-                    wanted = set(query["selectedItems"]["included"])
+                    asked_project = parse_qs(urlsplit(self.path).query)["project"][0]
+                    wanted = (
+                        set(query["selectedItems"]["included"]) if asked_project == str(project["id"]) else ()
+                    )
                     found = [
                         task
                         | {
@@ -399,9 +403,10 @@ def test_project_settings_that_do_not_parse_are_refused_by_name(served_model):
 
 
 def prelabel_project(
-    served_model, config: str, tasks: list[dict], **settings_changes
+    served_model, config: str, tasks: list[dict], given: list[int] | None = None, **settings_changes
 ) -> tuple[PredictionStore, dict]:
-    """prelabel_tasks of every task, on a stand-in Label Studio holding them; the store and the summary."""
+    """prelabel_tasks of the `given` tasks (default: all), on a stand-in Label Studio holding `tasks`; the
+    store and the summary."""
     files, host = served_model
     store = PredictionStore(
         {"id": 3, "title": "project", "label_config": config},
@@ -413,7 +418,7 @@ def prelabel_project(
     settings = Settings(label_studio_url=store.url, local_files_root=files, **chosen)
     activate(WorkerContext(settings, host=host))
     try:
-        summary = prelabel_tasks(3, [task["id"] for task in tasks])
+        summary = prelabel_tasks(3, given if given is not None else [task["id"] for task in tasks])
     finally:
         activate(None)
         store.close()
@@ -460,6 +465,109 @@ def test_prelabel_answers_the_question_typed_for_each_region(served_model):
     assert (summary["predicted"], summary["failed"]) == (1, [])
     answer = [item for item in store.stored[17]["result"] if item["from_name"] == "answer"]
     assert [item["id"] for item in answer] == ["b1"]
+
+
+class RecordedProgress:
+    """worker.job_progress.JobProgress, recording every report (outside a job the real one records none)."""
+
+    reports: ClassVar[list[tuple[str, dict]]] = []
+
+    def report(self, stage: str, **fields) -> None:
+        self.reports.append((stage, fields))
+
+
+def test_prelabel_accounts_for_every_task_it_was_given(served_model, monkeypatch, caplog):
+    """One call, every outcome: predicted (no prediction yet, or one of another version), skipped (one of
+    this version already; no region), failed (no such task; an image that cannot be read). The summary and
+    the log line name each, progress is reported per group of tasks, and the engine's caches keep nothing
+    of a bulk pre-label."""
+    _, host = served_model
+    earlier = {"model_version": "v1", "result": [], "score": 0.5}
+    tasks = [annotated_task(task_id) for task_id in (17, 21, 22, 23, 24, 25, 26)]
+    tasks[0]["predictions"] = tasks[1]["predictions"] = [earlier]  # 17, 21: predicted by v1 already
+    tasks[2]["predictions"] = [earlier | {"model_version": "v0"}]  # 22: by another version only
+    tasks[3]["annotations"] = tasks[4]["annotations"] = []  # 23, 24: no region
+    tasks[5]["data"]["image"] = tasks[6]["data"]["image"] = "missing.png"  # 25, 26: no such file
+    monkeypatch.setattr("worker.jobs.JobProgress", RecordedProgress)
+    RecordedProgress.reports = []
+    caches = host.engine.stats()
+    with caplog.at_level(logging.INFO, logger="worker.jobs"):
+        store, summary = prelabel_project(
+            served_model, CAPTION_CONFIG, tasks, given=[19, *[t["id"] for t in tasks]], prelabel_chunk_tasks=3
+        )
+
+    assert set(store.stored) == {22}
+    failed = {f["task"]: f for f in summary["failed"]}
+    assert {k: v for k, v in summary.items() if k != "failed"} == {
+        "predicted": 1,
+        "skipped_existing": 2,
+        "skipped_no_regions": 2,
+        "model_version": "v1",
+    }
+    assert failed[19] == {"task": 19, "reason": "project 3 has no task 19", "kind": "no such task"}
+    assert set(failed) == {19, 25, 26} and failed[25]["kind"] == failed[26]["kind"]
+    assert "missing.png" in failed[25]["reason"]
+    assert RecordedProgress.reports == [
+        ("answering", {"done": done, "total": 8}) for done in (0, 3, 3, 6, 6, 8)
+    ]
+    assert [r.getMessage() for r in caplog.records if r.name == "worker.jobs"] == [
+        f"prelabel project=3 {summary}"
+    ]
+    after = host.engine.stats()
+    assert after["feature_cache"]["bytes"] == caches["feature_cache"]["bytes"]
+    assert after["prefix_cache"]["bytes"] == caches["prefix_cache"]["bytes"]
+
+
+def test_prelabel_writes_into_the_controls_the_project_settings_name(served_model):
+    """Two per-region TextAreas: by document order the config reads as region QA (notes: the question typed
+    per region, none typed here, so nothing to ask), unless the project's settings name the answer."""
+    config = CAPTION_CONFIG.replace(
+        '<TextArea name="caption"',
+        '<TextArea name="notes" toName="image" perRegion="true" editable="true"/>\n  <TextArea name="caption"',
+    )
+    files, host = served_model
+    store = PredictionStore({"id": 3, "title": "two", "label_config": config}, [annotated_task(17)], {})
+    settings = Settings(
+        label_studio_url=store.url, label_studio_api_key=API_KEY, local_files_root=files, max_new_tokens=4
+    )
+    activate(WorkerContext(settings, host=host))
+    try:
+        by_default = prelabel_tasks(3, [17])
+        store.stored.clear()
+        chosen = prelabel_tasks(3, [17], {"controls": {"answer": "caption"}})
+    finally:
+        activate(None)
+        store.close()
+
+    assert (by_default["predicted"], by_default["skipped_no_regions"]) == (0, 1)
+    assert chosen["predicted"] == 1
+    [answer] = [item for item in store.stored[17]["result"] if item["type"] == "textarea"]
+    assert answer["from_name"] == "caption"
+
+
+def test_prelabel_answers_with_the_project_adapter(tmp_path):
+    files, host = serve_tiny(tmp_path, "v1")
+    lineage = host.registry.lineage(3)
+    adapter = random_adapter(host.engine.model.language_model, tmp_path / "adapter", seed=3)
+    lineage.promote(lineage.publish(adapter, extra={"base": "v1", "project": 3}))
+    store, summary = prelabel_project((files, host), CAPTION_CONFIG, [annotated_task(17)])
+    assert summary["model_version"] == store.stored[17]["model_version"] == "v1+p3-v1"
+
+
+@pytest.mark.parametrize(
+    ("project_id", "task_ids", "refusal"),
+    [
+        ("3", [17], "project_id must be an integer, got '3'"),
+        (True, [17], "project_id must be an integer, got True"),
+        (3, "17", "task_ids must be a list of integers, got '17'"),
+        (3, (17,), r"task_ids must be a list of integers, got \(17,\)"),
+        (3, [17, True], r"task_ids must be a list of integers, got \[17, True\]"),
+        (3, [17, "18"], r"task_ids must be a list of integers, got \[17, '18'\]"),
+    ],
+)
+def test_ids_that_are_not_integers_are_refused_by_name(project_id, task_ids, refusal):
+    with pytest.raises(ValueError, match=f"^{refusal}$"):
+        prelabel_tasks(project_id, task_ids)
 
 
 def test_prelabel_without_an_api_key_refuses_before_reading_anything(served_model):
