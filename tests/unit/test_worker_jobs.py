@@ -40,6 +40,7 @@ from roi_model.engine import RegionEngine
 from worker.failures import is_transient
 from worker.jobs import (
     _failure,
+    check_question_lengths,
     describe_regions,
     engine_request,
     prelabel_chunk,
@@ -543,6 +544,31 @@ def test_prelabel_writes_into_the_controls_the_project_settings_name(served_mode
     assert chosen["predicted"] == 1
     [answer] = [item for item in store.stored[17]["result"] if item["type"] == "textarea"]
     assert answer["from_name"] == "caption"
+
+
+def test_one_task_at_a_time_when_the_settings_say_so(served_model, monkeypatch):
+    monkeypatch.setattr("worker.jobs.JobProgress", RecordedProgress)
+    RecordedProgress.reports = []
+    _, summary = prelabel_project(
+        served_model, CAPTION_CONFIG, [annotated_task(17), annotated_task(21)], prelabel_chunk_tasks=1
+    )
+    assert summary["predicted"] == 2
+    assert RecordedProgress.reports == [("answering", {"done": done, "total": 2}) for done in (0, 1, 1, 2)]
+
+
+class WordTokenizer:
+    """A tokenizer of one token per word: questions of an exact length in tokens."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_a_question_of_the_longest_length_is_answered_and_one_token_more_is_not():
+    longest = request(questions=[{"id": "q", "text": "<region1>" + " w" * 511, "regions": ["r1"]}])
+    check_question_lengths(DescribeRequest.model_validate(longest), WordTokenizer())
+    too_long = request(questions=[{"id": "q", "text": "<region1>" + " w" * 512, "regions": ["r1"]}])
+    with pytest.raises(ValueError, match="question 'q' is 513 tokens long; at most 512 are answered"):
+        check_question_lengths(DescribeRequest.model_validate(too_long), WordTokenizer())
 
 
 def test_prelabel_answers_with_the_project_adapter(tmp_path):
