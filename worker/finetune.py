@@ -29,6 +29,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
+
+from rapidfuzz.distance import Levenshtein
 
 from backend import project_state, registry_snapshot
 from backend.dataset import export_project
@@ -447,19 +450,43 @@ def scores_of(
 
 
 def acceptance_by_version(data: Path) -> dict[str, dict]:
-    """Of the proposals each model version made in the export, how many were accepted unchanged."""
-    counts: dict[str, dict[str, int]] = {}
+    """The reviewers' effort on the proposals of each model version in the export: how many were accepted
+    unchanged, and the characters typed or deleted to turn each into the answer kept (Levenshtein distance
+    between the export's suggestion and final text; 0 for one accepted unchanged). `edit_distance` is its
+    mean normalised by the longer text (0: nothing to do, 1: everything retyped); a changed proposal whose
+    suggestion the export does not hold is counted under `edits_unknown` and left out of both."""
+    counts: dict[str, dict[str, Any]] = {}
     for line in data.read_text().splitlines():
         record = json.loads(line)
         version = (record.get("source") or {}).get("model_version")
         for turn in record["conversations"]:
-            origin = (turn.get("source") or {}).get("origin")
-            if version and origin in ("prediction", "prediction-changed"):
-                tally = counts.setdefault(version, {"proposals": 0, "accepted": 0})
-                tally["proposals"] += 1
-                tally["accepted"] += origin == "prediction"
+            source = turn.get("source") or {}
+            origin = source.get("origin")
+            if not version or origin not in ("prediction", "prediction-changed"):
+                continue
+            tally = counts.setdefault(
+                version,
+                {"proposals": 0, "accepted": 0, "edited_characters": 0, "edits": [], "edits_unknown": 0},
+            )
+            tally["proposals"] += 1
+            if origin == "prediction":
+                tally["accepted"] += 1
+                tally["edits"].append(0.0)
+            elif isinstance(source.get("suggestion"), str):
+                final = str(turn.get("value", ""))
+                tally["edited_characters"] += Levenshtein.distance(source["suggestion"], final)
+                tally["edits"].append(Levenshtein.normalized_distance(source["suggestion"], final))
+            else:
+                tally["edits_unknown"] += 1
     return {
-        version: {**tally, "rate": round(tally["accepted"] / tally["proposals"], 4)}
+        version: {
+            "proposals": tally["proposals"],
+            "accepted": tally["accepted"],
+            "rate": round(tally["accepted"] / tally["proposals"], 4),
+            "edited_characters": tally["edited_characters"],
+            "edit_distance": round(sum(tally["edits"]) / len(tally["edits"]), 4) if tally["edits"] else None,
+            "edits_unknown": tally["edits_unknown"],
+        }
         for version, tally in counts.items()
     }
 

@@ -46,7 +46,9 @@ def register_cli(add_command: Callable[..., argparse.ArgumentParser]) -> None:
         help="serve the previously promoted version again (a project's first adapter: the base again)",
     )
     report = actions.add_parser(
-        "report", parents=[lineage], help="plot acceptance rate and held-out metrics per version over time"
+        "report",
+        parents=[lineage],
+        help="plot acceptance rate, reviewers' edits and held-out metrics per version over time",
     )
     report.add_argument("--out", type=Path, default=Path("report.png"))
     benchmark = actions.add_parser(
@@ -113,9 +115,10 @@ def _served(root: ModelRegistry, project: int | None) -> dict:
     return {"model_version": serving.version if serving is not None else None}
 
 
-def plot_report(registry: ModelRegistry, out: Path) -> None:
-    """Held-out exact match of every version (at its creation) and the acceptance rate of each version's
-    proposals as measured by later fine-tuning runs, over time."""
+def plot_report(registry: ModelRegistry, out: Path) -> list[str]:
+    """Held-out exact match of every version (at its creation), and the reviewers' effort on each version's
+    proposals as measured by later fine-tuning runs (the share accepted unchanged, the normalised edit
+    distance from proposal to the answer kept), over time. Returns the legend's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,6 +154,19 @@ def plot_report(registry: ModelRegistry, out: Path) -> None:
             "s--",
             label="proposals accepted unchanged",
         )
+    effort = [
+        (datetime.fromisoformat(run["at"]), rate["edit_distance"])
+        for run in runs
+        for version, rate in run.get("acceptance", {}).items()
+        if version == run["parent"] and rate.get("edit_distance") is not None
+    ]
+    if effort:
+        axis.plot(
+            [t for t, _ in effort],
+            [v for _, v in effort],
+            "^:",
+            label="reviewers' edits (normalised edit distance)",
+        )
     rejected = [datetime.fromisoformat(run["at"]) for run in runs if not run.get("promoted")]
     for moment in rejected:
         axis.axvline(moment, color="grey", alpha=0.3, linewidth=1)
@@ -164,6 +180,7 @@ def plot_report(registry: ModelRegistry, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
+    return [text.get_text() for text in axis.get_legend().get_texts()]  # the lines drawn
 
 
 def _of_lineage(run: dict, project: int | None) -> bool:

@@ -236,10 +236,51 @@ def test_acceptance_counts_unchanged_proposals_per_version(tmp_path):
     ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert acceptance_by_version(data) == {
+    figures = acceptance_by_version(data)
+    assert {
+        version: {k: tally[k] for k in ("proposals", "accepted", "rate")}
+        for version, tally in figures.items()
+    } == {
         "v1": {"proposals": 3, "accepted": 2, "rate": 0.6667},
         "v2": {"proposals": 1, "accepted": 0, "rate": 0.0},
     }
+
+
+def test_the_effort_of_each_version_is_the_characters_its_reviewers_typed_or_deleted(tmp_path):
+    """Per version: the edit distance from each proposal to the answer the reviewer kept (0 for one accepted
+    unchanged), in characters and normalised by the longer text; a changed proposal whose suggestion the
+    export does not know is counted apart, not as 0."""
+
+    def record(version, *answers):
+        turns = []
+        for origin, suggestion, final in answers:
+            source = {"origin": origin, "suggestion": suggestion}
+            turns += [{"from": "human", "value": "q"}, {"from": "gpt", "value": final, "source": source}]
+        return {"source": {"model_version": version}, "conversations": turns}
+
+    lines = [
+        record(
+            "v1",
+            ("prediction", None, "a red circle"),
+            ("prediction-changed", "a red circle", "a blue circle"),
+        ),
+        record("v1", ("prediction-changed", None, "a square"), ("manual", None, "typed by hand")),
+        record("v2", ("prediction-changed", "small", "a small green star")),
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figures = acceptance_by_version(data)
+    # "a red circle" -> "a blue circle": red -> blue, three substitutions and one insertion
+    assert figures["v1"] == {
+        "proposals": 3,
+        "accepted": 1,
+        "rate": 0.3333,
+        "edited_characters": 4,
+        "edit_distance": round((0 + 4 / 13) / 2, 4),
+        "edits_unknown": 1,
+    }
+    assert figures["v2"]["edited_characters"] == len("a  green star")
+    assert figures["v2"]["edit_distance"] == round(13 / 18, 4)
 
 
 def test_registry_report_draws_versions_and_runs(tmp_path):
@@ -255,8 +296,15 @@ def test_registry_report_draws_versions_and_runs(tmp_path):
         "at": "2026-11-28T04:00:00+00:00",
         "parent": first,
         "promoted": second,
-        "acceptance": {first: {"rate": 0.4}},
+        "acceptance": {first: {"rate": 0.4, "edit_distance": 0.25}},
     }
     registry.record_training_run(run)
-    plot_report(registry, tmp_path / "report.png")
+    drawn = plot_report(registry, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn == [
+        "held-out exact match",
+        "proposals accepted unchanged",
+        "reviewers' edits (normalised edit distance)",
+    ]
+    registry.record_training_run(run | {"acceptance": {first: {"rate": 0.5}}})  # a run of before the edits
+    assert len(plot_report(registry, tmp_path / "report.png")) == 3
