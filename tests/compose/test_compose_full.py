@@ -243,7 +243,7 @@ from rq.job import Job
 from backend.queues import SERIALIZER, connect
 from backend.settings import Settings
 job = Job.fetch(sys.argv[1], connection=connect(Settings.from_env()), serializer=SERIALIZER)
-print(job.get_status(), job.worker_name)
+print(job.get_status().value, job.worker_name)
 """
 
 
@@ -291,7 +291,10 @@ def test_the_backend_killed_while_a_request_waits_gives_an_error_then_service(
     records = world_records(world)
     [task] = client.get_tasks(project.project, project.task_ids[1:2])
     drawn = drawn_rectangle(records[task["data"]["record_id"]], 0, "drawn-2")
-    queued = ("exec", "-T", "redis", "redis-cli", "LLEN", "rq:queue:interactive")
+    # A paused worker blocked in BLPOP still receives the job id from Redis, so the queue stays empty:
+    # the request waits in the backend once its job exists.
+    jobs = ("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "rq:job:*")
+    before = set(stack.run(*jobs).split())
     workers = stack.run("ps", "--quiet", "worker").split()  # the running ones (one was killed before)
     subprocess.run(["docker", "pause", *workers], check=True, capture_output=True)
     replies: list[JSON] = []
@@ -301,7 +304,7 @@ def test_the_backend_killed_while_a_request_waits_gives_an_error_then_service(
     try:
         waiting.start()
         wait_until(
-            lambda: int(stack.run(*queued).strip() or 0) >= 1 or replies, 120, "the request's job queued"
+            lambda: set(stack.run(*jobs).split()) - before or replies, 120, "the request's job enqueued"
         )
         assert not replies, f"Label Studio answered before the backend was killed: {replies}"
         stack.run("kill", "backend", timeout=120)
