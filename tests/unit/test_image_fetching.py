@@ -21,8 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
+import requests
 from PIL import Image
 
+from backend import deadline_http
 from backend.images import (
     ImageRejected,
     ImageUnavailable,
@@ -295,6 +297,59 @@ def test_label_studio_refusing_the_key_is_a_permanent_error(label_studio, settin
     assert "not-the-key" not in str(refusal.value)
 
 
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_label_studio_refusing_to_renew_a_personal_access_token_is_a_permanent_error(
+    label_studio, settings, status
+):
+    body = b'{"detail": "Token is invalid or expired"}'
+    label_studio.routes["/api/token/refresh/"] = lambda request: (
+        status,
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+        body,
+    )
+    settings = dataclasses.replace(settings, label_studio_api_key=PAT)
+
+    with pytest.raises(ImageRejected) as refusal:
+        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert not isinstance(refusal.value, ImageUnavailable)
+    assert str(refusal.value) == (
+        f"image /data/upload/3/a.png refused: Label Studio refused LABEL_STUDIO_API_KEY (HTTP {status})"
+    )
+    assert label_studio.headers_for("/data/upload/3/a.png") == []
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_label_studio_failing_to_renew_a_personal_access_token_is_worth_a_retry(
+    label_studio, settings, status
+):
+    body = b'{"detail": "the database is down"}'
+    label_studio.routes["/api/token/refresh/"] = lambda request: (
+        status,
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+        body,
+    )
+    settings = dataclasses.replace(settings, label_studio_api_key=PAT)
+
+    with pytest.raises(ImageUnavailable) as failure:
+        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert str(failure.value) == (
+        "image /data/upload/3/a.png refused: "
+        "cannot renew the Label Studio access token (the database is down)"
+    )
+    assert label_studio.headers_for("/data/upload/3/a.png") == []
+
+
+def test_without_an_api_key_label_studio_is_asked_without_credentials(label_studio, settings, files):
+    label_studio.serve("/data/upload/3/public.png", files["png"])
+    settings = dataclasses.replace(settings, label_studio_api_key="")
+
+    assert load_image("/data/upload/3/public.png", task_id=17, settings=settings).size == (64, 48)
+    assert "Authorization" not in label_studio.headers_for("/data/upload/3/public.png")[0]
+    assert label_studio.headers_for("/api/token/refresh/") == []
+
+
 def test_a_cloud_uri_goes_through_the_presign_redirect_without_the_token(
     label_studio, other_host, settings, files
 ):
@@ -404,7 +459,7 @@ def test_a_body_of_exactly_the_byte_cap_is_accepted_and_one_byte_more_is_not(
     )
     with pytest.raises(ImageRejected) as refused:
         load_image(f"{other_host.url}/edge.png", task_id=17, settings=below)
-    assert refused.value.problem == refusal
+    assert str(refused.value) == f"image {other_host.url}/edge.png refused: {refusal}"
 
 
 def test_a_content_length_over_the_cap_is_refused_before_the_body_is_read(other_host, settings, files):
@@ -416,6 +471,106 @@ def test_a_content_length_over_the_cap_is_refused_before_the_body_is_read(other_
     with pytest.raises(ImageRejected) as refused:
         load_image(f"{other_host.url}/liar.png", task_id=17, settings=settings)
     assert refused.value.problem == f"{len(body) + 1} bytes is more than ROI_IMAGE_MAX_BYTES={len(body)}"
+
+
+def test_an_image_larger_than_one_read_arrives_whole(other_host, settings):
+    noise = encode(Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)), "PNG")
+    assert len(noise) > 2 * 64 * 1024  # the body is read 64 KiB at a time
+    other_host.routes["/noise.png"] = lambda request: (200, {}, noise)
+
+    assert fetch_image_bytes(f"{other_host.url}/noise.png", task_id=17, settings=settings) == noise
+
+
+def test_a_server_that_sends_more_than_the_cap_and_then_stalls_is_refused_at_once(other_host, settings):
+    # The body is read 64 KiB at a time and counted after each read: a read that waited for the whole
+    # body would hold all of it in memory (here: until the deadline shuts the connection).
+    def oversized_then_stalls(request: BaseHTTPRequestHandler) -> Reply:
+        request.send_response(200)
+        request.end_headers()
+        request.wfile.write(b"\x89PNG" + b"\x00" * (2 * 64 * 1024))
+        request.wfile.flush()
+        other_host.released.wait(timeout=30)
+        return 200, {}, b""
+
+    other_host.routes["/stall.png"] = oversized_then_stalls
+    settings = dataclasses.replace(settings, image_max_bytes=100_000, image_timeout_s=3.0)
+
+    started = time.monotonic()
+    with pytest.raises(ImageRejected) as refused:
+        fetch_image_bytes(f"{other_host.url}/stall.png", task_id=17, settings=settings)
+    assert refused.value.problem == "the body is larger than ROI_IMAGE_MAX_BYTES=100000"
+    assert time.monotonic() - started < 1.5, "refused only once the deadline shut the connection"
+
+
+def test_a_body_cut_short_of_its_content_length_is_worth_a_retry(other_host, settings):
+    other_host.routes["/short.png"] = lambda request: (
+        200,
+        {"Content-Length": "1000"},
+        b"\x89PNG" + bytes(10),
+    )
+
+    with pytest.raises(ImageUnavailable) as failure:
+        fetch_image_bytes(f"{other_host.url}/short.png", task_id=17, settings=settings)
+    assert str(failure.value) == (
+        f"image {other_host.url}/short.png refused: the download broke off (ChunkedEncodingError)"
+    )
+
+
+class ScriptedBody:
+    """A response body whose reads are `steps`: bytes, or a callable run at that read (it may raise)."""
+
+    def __init__(self, *steps: bytes | Callable[[], bytes]) -> None:
+        self.steps = list(steps)
+
+    def read(self, amount: int | None = None) -> bytes:
+        step = self.steps.pop(0) if self.steps else b""
+        return step() if callable(step) else step
+
+    def close(self) -> None:
+        pass
+
+
+def session_answering(body: ScriptedBody) -> requests.Session:
+    """A session whose every request gets HTTP 200 with `body`, without any network."""
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
+            response = requests.Response()
+            response.status_code, response.raw, response.url, response.request = (
+                200,
+                body,
+                request.url,
+                request,
+            )
+            return response
+
+    session = requests.Session()
+    session.mount("http://", Adapter())
+    return session
+
+
+def the_deadline_passes_now() -> None:
+    """What the download's timer does when the time is up, done at once instead of waited for."""
+    deadline_http._current.deadline._expire()
+
+
+def test_a_download_cut_off_by_the_deadline_is_worth_a_retry(settings):
+    def shut_by_the_timer() -> bytes:
+        the_deadline_passes_now()
+        raise requests.ConnectionError("the socket was shut down")
+
+    def ended_by_the_timer() -> bytes:
+        the_deadline_passes_now()
+        return b""  # the shut socket reads as the end of a body without Content-Length
+
+    for body in (ScriptedBody(b"\x89PNG", shut_by_the_timer), ScriptedBody(b"\x89PNG", ended_by_the_timer)):
+        with pytest.raises(ImageUnavailable) as failure:
+            fetch_image_bytes(
+                "http://localhost:1/a.png", task_id=17, settings=settings, session=session_answering(body)
+            )
+        assert (
+            str(failure.value) == "image http://localhost:1/a.png refused: the download took longer than 2 s"
+        )
 
 
 def test_a_slow_server_is_given_up_on_after_the_timeout(other_host, settings, files):
@@ -715,6 +870,40 @@ def test_threads_sharing_the_cache_keep_its_byte_count_right(settings):
     ]
     assert 0 < cache.size_bytes <= 1000
     assert sum(held) == cache.size_bytes
+
+
+def test_an_entry_lives_sixty_seconds_by_default(settings):
+    clock = ManualClock()
+    cache = RecentImages(clock=clock)
+    cache.put("a", 1, settings, b"a")
+
+    clock.now += 59.9
+    assert cache.get("a", 1, settings) == b"a"
+    clock.now += 0.1
+    assert cache.get("a", 1, settings) is None
+    assert (cache.ttl_s, cache.max_bytes) == (60.0, 64 * 1024 * 1024)
+
+
+def test_the_smallest_cache_keeps_one_byte_for_half_a_second(settings):
+    clock = ManualClock()
+    cache = RecentImages(ttl_s=0.5, max_bytes=1, clock=clock)
+    assert (cache.ttl_s, cache.max_bytes) == (0.5, 1)
+
+    cache.put("a", 1, settings, b"a")  # exactly max_bytes: kept
+    assert cache.get("a", 1, settings) == b"a" and cache.size_bytes == 1
+    clock.now += 0.5
+    assert cache.get("a", 1, settings) is None
+
+
+def test_a_new_fetch_too_large_to_keep_drops_the_older_bytes_of_its_url(settings):
+    cache = RecentImages(ttl_s=60, max_bytes=100)
+    cache.put("a", 1, settings, b"a" * 40)
+    cache.put("b", 1, settings, b"b" * 10)
+
+    cache.put("a", 1, settings, b"A" * 101)  # the image changed and grew: the old bytes are stale
+
+    assert cache.get("a", 1, settings) is None
+    assert cache.get("b", 1, settings) == b"b" * 10 and cache.size_bytes == 10
 
 
 def test_the_cache_refuses_a_non_positive_size_or_ttl():
