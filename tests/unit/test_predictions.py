@@ -401,13 +401,37 @@ def test_a_job_without_the_task_level_question_leaves_the_references_as_written(
     assert prediction["result"][-1]["value"]["text"] == ["<region1> and <region2>."]
 
 
+def test_a_score_a_hair_above_zero_is_a_probability_of_one():
+    regions = regions_from_result(TWO_BOXES, CAPTION)
+    answers = [{"id": "r1:caption", "text": "a red square", "score": 1e-3}]  # float rounding, as allowed
+
+    prediction = prediction_from_answers(CAPTION, regions, answered(answers))
+
+    assert prediction["score"] == prediction["result"][1]["score"] == 1.0
+
+
+def test_a_typed_question_without_lines_is_not_echoed():
+    result = [
+        rectangle("r1", 10, 20, 35, 40),
+        {**textarea("r1", "question", "unused"), "value": {"text": []}},
+    ]
+    regions = regions_from_result(result, REGION_QA)
+
+    prediction = prediction_from_answers(
+        REGION_QA, regions, answered([{"id": "r1:region_qa", "text": "red", "score": -0.1}])
+    )
+
+    assert [item["from_name"] for item in prediction["result"]] == ["label", "answer"]
+
+
 # --- failure predictions -------------------------------------------------------------------------------
 
 WHY = "the worker could not answer: " + "x" * 271 + "TAIL"  # 304 characters: the last 4 are cut
 
 
 def test_a_failed_caption_keeps_each_box_and_says_why_in_its_caption():
-    regions = regions_from_result([rectangle("r1", 10, 20, 35, 40, size=(640, 480))], CAPTION)
+    result = [rectangle("r1", 10, 20, 35, 40, size=(640, 480)), rectangle("r2", 1, 2, 3, 4)]
+    regions = regions_from_result(result, CAPTION)
     kept = [{**rectangle("p1", 50, 50, 25, 25), "origin": "prediction", "score": 0.4}]
 
     prediction = failure_prediction(CAPTION, regions, WHY, kept=kept)
@@ -431,6 +455,24 @@ def test_a_failed_caption_keeps_each_box_and_says_why_in_its_caption():
                 "to_name": "image",
                 "type": "textarea",
                 "value": {**geometry, "text": [f"[no answer: {WHY[:300]}]"]},
+            },
+            result[1],
+            {
+                "original_width": 800,
+                "original_height": 600,
+                "image_rotation": 0,
+                "id": "r2",
+                "from_name": "caption",
+                "to_name": "image",
+                "type": "textarea",
+                "value": {
+                    "x": 1,
+                    "y": 2,
+                    "width": 3,
+                    "height": 4,
+                    "rotation": 0,
+                    "text": [f"[no answer: {WHY[:300]}]"],
+                },
             },
             rectangle("p1", 50, 50, 25, 25),  # the other boxes as they were, without origin or score
         ],

@@ -139,3 +139,66 @@ def test_task_regions_fall_back_to_the_newest_draft_then_prediction():
 
 def test_task_regions_of_a_bare_task_are_empty():
     assert task_regions(TASK, CAPTION) == ([], [])
+
+
+def stamped(entry_id, region_id, **stamps):
+    return {"id": entry_id, "result": [rectangle(region_id, 10, 10, 10, 10)], **stamps}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "newest"),
+    [
+        (  # edited after the other was made: updated_at counts, not created_at or the id
+            [
+                stamped(
+                    5, "made-later", created_at="2025-01-02T00:00:00Z", updated_at="2025-01-02T00:00:00Z"
+                ),
+                stamped(
+                    3, "edited-later", created_at="2025-01-01T00:00:00Z", updated_at="2025-01-03T00:00:00Z"
+                ),
+            ],
+            "edited-later",
+        ),
+        (  # without updated_at, created_at counts
+            [
+                stamped(1, "created", created_at="2025-01-03T00:00:00Z"),
+                stamped(2, "updated", updated_at="2025-01-02T00:00:00Z"),
+            ],
+            "created",
+        ),
+        (  # the same time: the higher id is the newer
+            [
+                stamped(4, "id-4", updated_at="2025-01-02T00:00:00Z"),
+                stamped(9, "id-9", updated_at="2025-01-02T00:00:00Z"),
+            ],
+            "id-9",
+        ),
+        (  # no time at all is older than any time
+            [stamped(None, "no-time"), stamped(1, "timed", updated_at="2025-01-01T00:00:00Z")],
+            "timed",
+        ),
+        (  # an id that is not a number (or is a boolean) is older than any id at the same time
+            [
+                stamped("a7", "text-id", updated_at="2025-01-01T00:00:00Z"),
+                stamped(True, "bool-id", updated_at="2025-01-01T00:00:00Z"),
+                stamped(None, "no-id", updated_at="2025-01-01T00:00:00Z"),
+                stamped(1, "id-1", updated_at="2025-01-01T00:00:00Z"),
+            ],
+            "id-1",
+        ),
+    ],
+    ids=["updated-at", "created-at", "id", "no-time", "odd-ids"],
+)
+def test_task_regions_come_from_the_newest_annotation(annotations, newest):
+    regions, _ = task_regions({**TASK, "annotations": annotations}, CAPTION)
+    assert [region.id for region in regions] == [newest]
+
+
+def test_task_regions_pass_over_an_annotation_whose_result_is_not_a_list():
+    annotations = [
+        entry(1, "2025-01-01T10:00:00.000000Z", [rectangle("older", 10, 10, 10, 10)]),
+        entry(2, "2025-01-02T10:00:00.000000Z", None),
+    ]
+    regions, result = task_regions({**TASK, "annotations": annotations}, CAPTION)
+    assert [region.id for region in regions] == ["older"]
+    assert result == annotations[0]["result"]
