@@ -1,5 +1,6 @@
 """backend.predictions: the worker's answers back to a Label Studio prediction that echoes the rectangles."""
 
+import logging
 import math
 import re
 
@@ -526,3 +527,40 @@ def test_a_failed_reasoning_answer_keeps_the_boxes_and_says_why_in_the_task_answ
 def test_a_failed_classification_has_no_failure_prediction():
     regions = regions_from_result(TWO_BOXES, CLASSIFICATION)
     assert failure_prediction(CLASSIFICATION, regions, "no answer within 5 s") is None
+
+
+def test_each_answer_left_out_is_logged_with_why(caplog):
+    caplog.set_level(logging.INFO, logger="backend.predictions")
+    classified = regions_from_result(TWO_BOXES, CLASSIFICATION)
+    captioned = regions_from_result(TWO_BOXES, CAPTION)
+    reasoned = regions_from_result(TWO_BOXES, REASONING)
+
+    prediction_from_answers(
+        CLASSIFICATION, classified, answered([{"id": "r1:classification", "text": "a banana", "score": -0.1}])
+    )
+    prediction_from_answers(CAPTION, captioned, answered([{"id": "r2:caption", "text": " ", "score": -0.1}]))
+    prediction_from_answers(
+        REASONING, reasoned, answered([{"id": REASONING_QUESTION_ID, "text": "", "score": -0.1}])
+    )
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "region r1: the answer 'a banana' matches none of the choices "
+        f"{list(CLASSIFICATION.choices)}; the box is echoed without it",
+        "region r2: the answer ' ' is empty; the box is echoed without it",
+        "task-level answer is empty; the rectangles are echoed without it",
+    ]
+
+
+def test_every_misfit_of_a_prediction_is_named():
+    boxes = [
+        rectangle("r1", 10, 10, 10, 10, labels=("Person",)),
+        rectangle("r2", 20, 20, 10, 10, labels=("Car",)),
+    ]
+    answers = [{"id": "r1:caption", "text": "x", "score": -1}, {"id": "r2:caption", "text": "y", "score": -1}]
+
+    with pytest.raises(ValueError) as misfit:
+        prediction_from_answers(CAPTION, regions_from_result(boxes, CAPTION), answered(answers))
+
+    message = str(misfit.value)
+    assert message.startswith("the prediction does not fit the label config: Region 0: ")
+    assert "; Region 2: " in message, message
