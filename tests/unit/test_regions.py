@@ -1,7 +1,7 @@
 """backend.regions: Label Studio result items to regions, boxes normalized to the displayed image."""
 
 import pytest
-from ls_results import CAPTION, TASK, rectangle, textarea
+from ls_results import CAPTION, REASONING, REGION_QA, TASK, rectangle, textarea
 
 from backend.regions import drawn_region, region_from_item, regions_from_result, task_regions
 
@@ -202,3 +202,78 @@ def test_task_regions_pass_over_an_annotation_whose_result_is_not_a_list():
     regions, result = task_regions({**TASK, "annotations": annotations}, CAPTION)
     assert [region.id for region in regions] == ["older"]
     assert result == annotations[0]["result"]
+
+
+def test_a_box_with_only_one_side_of_the_image_size_is_taken_in_percent():
+    item = rectangle("r1", 10, 20, 30, 40)
+    del item["original_height"]
+
+    assert region_from_item(item).box == (0.1, 0.2, 0.4, 0.6)
+
+
+def test_a_flat_box_stays_flat():
+    # A click without a drag draws a box of no height; turned or not, it is not given one.
+    assert region_from_item(rectangle("r1", 10, 20, 25, 0)).box == (0.1, 0.2, 0.35, 0.2)
+    assert region_from_item(rectangle("r2", 10, 20, 0, 25)).box == (0.1, 0.2, 0.1, 0.45)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"x": "y" * 50}, f"rectangle 'r1' value.x must be a number, got '{'y' * 40}'"),
+        ({"x": 10**400}, f"rectangle 'r1' value.x must be a finite percentage, got {'1' + '0' * 39}"),
+        ({"x": 1_000_001}, "rectangle 'r1' value.x must be a finite percentage, got 1000001"),
+        ({"y": -1_000_000.5}, "rectangle 'r1' value.y must be a finite percentage, got -1000000.5"),
+    ],
+    ids=["long-string", "400-digits", "over-a-million", "under-minus-a-million"],
+)
+def test_geometry_refusals_word_for_word(change, message):
+    item = rectangle("r1", 10, 10, 10, 10)
+    item["value"] = {**item["value"], **change}
+
+    with pytest.raises(ValueError) as refusal:
+        region_from_item(item)
+    assert str(refusal.value) == message
+
+
+def test_geometry_up_to_a_million_percent_is_a_number():
+    assert region_from_item(rectangle("r1", 1_000_000, -1_000_000, 10, 10)).box == (1.0, 0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (0, "rectangle 'r1' original_width must be a positive pixel count, got '0'"),
+        (10**6, "rectangle 'r1' original_width must be a positive pixel count, got '1000000'"),
+        (10**50, f"rectangle 'r1' original_width must be a positive pixel count, got '{'1' + '0' * 39}'"),
+        ("800", "rectangle 'r1' original_width must be a positive pixel count, got '800'"),
+    ],
+)
+def test_image_size_refusals_word_for_word(size, message):
+    with pytest.raises(ValueError) as refusal:
+        region_from_item({**rectangle("r1", 10, 10, 10, 10), "original_width": size})
+    assert str(refusal.value) == message
+
+
+def test_an_image_size_from_one_to_under_a_million_pixels_is_taken():
+    for size in (1, 999_999):
+        region = region_from_item({**rectangle("r1", 10, 10, 10, 10), "original_width": size})
+        assert region.original_width == size
+
+
+def test_a_region_qa_region_carries_its_question_and_not_its_answer():
+    question = textarea("r1", "question", "What colour is it?")
+    answer = textarea("r1", "answer", "red")  # LS lists the answer after the question
+
+    [region] = regions_from_result([rectangle("r1", 10, 10, 10, 10), question, answer], REGION_QA)
+
+    assert region.question_item == question
+
+
+def test_only_region_qa_regions_carry_a_typed_question():
+    # A reasoning scheme's question is a <Text>: an item named after it is no question typed into a box.
+    crafted = textarea("r1", REASONING.question, "not a typed question")
+
+    [region] = regions_from_result([rectangle("r1", 10, 10, 10, 10), crafted], REASONING)
+
+    assert REASONING.question is not None and region.question_item is None
