@@ -206,7 +206,10 @@ def _read_local(url: str, settings: Settings) -> bytes:
     else:
         path = Path(url)
     root = Path(settings.local_files_root).resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and `..` are resolved
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and `..` are resolved
+    except RuntimeError:  # Python 3.11's word for a symlink loop
+        raise ImageRejected(url, "the path is a symlink loop") from None
     if not resolved.is_relative_to(root):
         raise ImageRejected(url, "the path leads outside ROI_LOCAL_FILES_ROOT")
     try:
