@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -1201,3 +1202,185 @@ def test_a_trickling_server_is_cut_off_at_the_timeout(settings, trickle_headers)
         server.close()
     assert server.connections == 1
     assert elapsed < 30, f"held {elapsed:.1f} s by a server that sends a byte every 0.05 s"
+
+
+# --- every refusal, word for word ----------------------------------------------------------------------
+
+
+def refusal_of(url: object, settings: Settings, task_id: int | None = 17) -> ImageRejected:
+    """The ImageRejected that loading `url` raises; it names the URL it was given."""
+    with pytest.raises(ImageRejected) as refused:
+        load_image(url, task_id=task_id, settings=settings)
+    if isinstance(url, str) and url.strip():
+        assert refused.value.url == url.strip()
+    return refused.value
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "image '' refused: the image URL is empty"),
+        ("  \t", "image '  \\t' refused: the image URL is empty"),
+        (None, "image None refused: the image URL is empty"),
+        (
+            "ftp://files.example.com/a.png",
+            "image ftp://files.example.com/a.png refused: unsupported URL scheme 'ftp'",
+        ),
+        (
+            "https://images.example.com/a.png",
+            "image https://images.example.com/a.png refused: host 'images.example.com' is not in "
+            "ROI_IMAGE_ALLOWED_HOSTS",
+        ),
+    ],
+)
+def test_url_refusals_word_for_word(settings, url, message):
+    assert str(refusal_of(url, settings)) == message
+
+
+def test_a_cloud_uri_without_a_task_id_word_for_word(settings):
+    assert str(refusal_of("gs://bucket/key.png", settings, task_id=None)) == (
+        "image gs://bucket/key.png refused: a cloud storage URI needs the task id (Label Studio presigns it "
+        "per task)"
+    )
+
+
+def test_local_file_refusals_word_for_word(settings, local_root, tmp_path, files):
+    (local_root / "imgs" / "loop.png").symlink_to(local_root / "imgs" / "loop.png")
+    (local_root / "imgs" / "big.png").write_bytes(files["large.png"])
+    small = dataclasses.replace(settings, image_max_bytes=100)
+    disabled = dataclasses.replace(settings, local_files_root=None)
+    long_name = "a" * 300 + ".png"
+
+    assert [
+        str(refusal_of("imgs/a.png", disabled)),
+        str(refusal_of("file://files.example.com/imgs/a.png", settings)),
+        str(refusal_of("../outside.png", settings)),
+        str(refusal_of("imgs/missing.png", settings)),
+        str(refusal_of(f"imgs/{long_name}", settings)),
+        str(refusal_of("imgs/loop.png", settings)),
+        str(refusal_of("imgs/big.png", small)),
+    ] == [
+        "image imgs/a.png refused: local files are disabled (set ROI_LOCAL_FILES_ROOT to allow a directory)",
+        "image file://files.example.com/imgs/a.png refused: file URL names another machine "
+        "('files.example.com')",
+        "image ../outside.png refused: the path leads outside ROI_LOCAL_FILES_ROOT",
+        "image imgs/missing.png refused: no such file",
+        f"image imgs/{long_name} refused: cannot read the file (File name too long)",
+        "image imgs/loop.png refused: the path is a symlink loop",
+        "image imgs/big.png refused: the file is larger than ROI_IMAGE_MAX_BYTES=100",
+    ]
+
+
+def test_file_urls_on_this_machine_are_read_whatever_the_letter_case(settings, local_root):
+    path = local_root / "imgs" / "a.png"
+    for url in (f"file://localhost{path}", f"FILE://{path}", f"File:{path}"):
+        assert load_image(url, task_id=None, settings=settings).size == (64, 48), url
+
+
+def test_http_refusals_word_for_word(label_studio, other_host, settings, files):
+    other_host.serve("/page.png", files["not-an-image"])
+    label_studio.redirect("/data/upload/loop.png", "/data/upload/loop.png")
+    other_host.serve("/gone.png", b"", status=404)
+
+    assert [
+        str(refusal_of(f"{other_host.url}/page.png", settings)),
+        str(refusal_of("/data/upload/loop.png", settings)),
+        str(refusal_of(f"{other_host.url}/gone.png?sig=secret", settings)),
+    ] == [
+        f"image {other_host.url}/page.png refused: not an image in a supported format (JPEG, PNG, "
+        "WEBP, GIF, BMP, AVIF)",
+        "image /data/upload/loop.png refused: more than 3 redirects",
+        f"image {other_host.url}/gone.png?sig=secret refused: HTTP 404 from http://localhost:{port_of(other_host)}"
+        "/gone.png",
+    ]
+
+
+@pytest.mark.parametrize("status", [429, 500, 502])
+def test_too_many_requests_and_server_errors_are_worth_a_retry(other_host, settings, status):
+    other_host.serve("/busy.png", b"", status=status)
+
+    with pytest.raises(ImageUnavailable) as failure:
+        load_image(f"{other_host.url}/busy.png", task_id=17, settings=settings)
+    assert failure.value.problem == f"HTTP {status} from http://localhost:{port_of(other_host)}/busy.png"
+
+
+def test_a_closed_port_is_worth_a_retry_word_for_word(settings):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once it is closed
+
+    with pytest.raises(ImageUnavailable) as failure:
+        load_image(f"http://localhost:{port}/a.png", task_id=17, settings=settings)
+    assert str(failure.value) == (
+        f"image http://localhost:{port}/a.png refused: cannot connect to http://localhost:{port} (ConnectionError)"
+    )
+
+
+def test_a_host_that_never_accepts_the_connection_is_given_up_on_at_the_timeout(settings):
+    # A listener whose queue is full drops further connection attempts, as a firewalled host does.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    waiting = [socket.socket() for _ in range(3)]
+    for sock in waiting:
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+    settings = dataclasses.replace(settings, image_timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ImageUnavailable) as failure:
+            load_image(f"http://localhost:{port}/a.png", task_id=17, settings=settings)
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in [*waiting, listener]:
+            sock.close()
+    assert str(failure.value) == (
+        f"image http://localhost:{port}/a.png refused: http://localhost:{port} did not answer within 0.3 s"
+    )
+    assert elapsed < 3
+
+
+def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(settings):
+    server = TrickleServer(trickle_headers=False, interval_s=0.05, total_s=3.0)  # no read waits 0.3 s
+    settings = dataclasses.replace(settings, image_timeout_s=0.3)
+    try:
+        with pytest.raises(ImageUnavailable, match=r"(took longer than|did not answer within) 0\.3 s"):
+            fetch_image_bytes(f"{server.url}/slow.png", task_id=17, settings=settings)
+    finally:
+        server.close()
+
+
+def test_the_body_is_asked_for_without_compression(other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+
+    load_image(f"{other_host.url}/b.png", task_id=17, settings=settings)
+
+    [headers] = other_host.headers_for("/b.png")
+    assert {name.lower(): value for name, value in headers.items()}["accept-encoding"] == "identity"
+
+
+def test_a_label_studio_url_with_a_trailing_slash_works(label_studio, settings):
+    settings = dataclasses.replace(settings, label_studio_url=label_studio.url + "/")
+
+    assert load_image("/data/upload/3/a.png", task_id=17, settings=settings).size == (64, 48)
+    assert [path for _, path, _ in label_studio.requests] == ["/data/upload/3/a.png"]
+
+
+def test_a_given_session_is_the_one_used(settings, files):
+    session = session_answering(ScriptedBody(files["png"]))
+
+    image = load_image("http://localhost:1/a.png", task_id=17, settings=settings, session=session)
+
+    assert image.size == (64, 48)
+
+
+def test_fetches_and_reuses_are_logged_with_where_the_bytes_came_from(label_studio, settings, caplog):
+    caplog.set_level(logging.DEBUG, logger="backend.images")
+    cache = RecentImages()
+
+    for _ in range(2):
+        fetch_image_bytes("/data/upload/3/a.png", task_id=17, settings=settings, cache=cache)
+
+    assert [record.getMessage() for record in caplog.records if record.name == "backend.images"] == [
+        f"fetching image /data/upload/3/a.png from {label_studio.url}/data/upload/3/a.png",
+        "image /data/upload/3/a.png: reusing the bytes fetched recently",
+    ]
