@@ -185,7 +185,12 @@ def image_session() -> requests.Session:
 def _checked_url(url: object) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ImageRejected(repr(url), "the image URL is empty")
-    return url.strip()
+    url = url.strip()
+    try:
+        urlsplit(url)
+    except ValueError as error:  # e.g. an unclosed "[" of an IPv6 host
+        raise ImageRejected(url, f"not a valid URL ({error})") from None
+    return url
 
 
 def _is_local_path(url: str) -> bool:
