@@ -1223,6 +1223,12 @@ def refusal_of(url: object, settings: Settings, task_id: int | None = 17) -> Ima
         ("", "image '' refused: the image URL is empty"),
         ("  \t", "image '  \\t' refused: the image URL is empty"),
         (None, "image None refused: the image URL is empty"),
+        ("http://[::1/a.png", "image http://[::1/a.png refused: not a valid URL (Invalid IPv6 URL)"),
+        (
+            "http://localhost:x/a.png",
+            "image http://localhost:x/a.png refused: not a valid URL (Failed to parse: 'localhost:x' is not a "
+            "valid host or port)",
+        ),
         (
             "ftp://files.example.com/a.png",
             "image ftp://files.example.com/a.png refused: unsupported URL scheme 'ftp'",
