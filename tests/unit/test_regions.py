@@ -277,3 +277,41 @@ def test_only_region_qa_regions_carry_a_typed_question():
     [region] = regions_from_result([rectangle("r1", 10, 10, 10, 10), crafted], REASONING)
 
     assert REASONING.question is not None and region.question_item is None
+
+
+@pytest.mark.parametrize(
+    ("region_id", "message"),
+    [
+        (None, "a rectangle has no 'id' (got 'None')"),
+        ("", "a rectangle has no 'id' (got '')"),
+        (True, "a rectangle has no 'id' (got 'True')"),
+        (["r" * 50], f"a rectangle has no 'id' (got \"['{'r' * 38}\")"),
+    ],
+    ids=["missing", "empty", "bool", "list"],
+)
+def test_a_rectangle_needs_an_id_word_for_word(region_id, message):
+    with pytest.raises(ValueError) as refusal:
+        region_from_item({**rectangle("r1", 10, 10, 10, 10), "id": region_id})
+    assert str(refusal.value) == message
+
+
+def test_a_refusal_names_the_rectangle_by_the_first_80_characters_of_its_id():
+    item = rectangle("b" * 100, 10, 10, 10, 10)
+    item["value"] = {**item["value"], "rotation": "90"}
+
+    with pytest.raises(ValueError) as refusal:
+        region_from_item(item)
+    assert str(refusal.value) == f"rectangle '{'b' * 80}' value.rotation must be a number, got '90'"
+
+
+def test_labels_that_are_not_a_list_or_of_an_odd_type_are_no_labels():
+    as_text = rectangle("r1", 10, 10, 10, 10)
+    as_text["value"] = {**as_text["value"], "rectanglelabels": "Object"}
+    odd_type = {**rectangle("r2", 10, 10, 10, 10), "type": ["rectanglelabels"]}
+
+    assert region_from_item(as_text).labels == ()
+    assert region_from_item(odd_type).labels == ()
+    assert region_from_item(rectangle("r3", 10, 10, 10, 10, labels=("Object", "Car"))).labels == (
+        "Object",
+        "Car",
+    )
