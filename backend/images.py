@@ -185,7 +185,12 @@ def image_session() -> requests.Session:
 def _checked_url(url: object) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ImageRejected(repr(url), "the image URL is empty")
-    return url.strip()
+    url = url.strip()
+    try:
+        urlsplit(url)
+    except ValueError as error:  # e.g. an unclosed "[" of an IPv6 host
+        raise ImageRejected(url, f"not a valid URL ({error})") from None
+    return url
 
 
 def _is_local_path(url: str) -> bool:
@@ -206,7 +211,10 @@ def _read_local(url: str, settings: Settings) -> bytes:
     else:
         path = Path(url)
     root = Path(settings.local_files_root).resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and `..` are resolved
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks and `..` are resolved
+    except RuntimeError:  # Python 3.11's word for a symlink loop
+        raise ImageRejected(url, "the path is a symlink loop") from None
     if not resolved.is_relative_to(root):
         raise ImageRejected(url, "the path leads outside ROI_LOCAL_FILES_ROOT")
     try:

@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import os
+import re
+import socket
 import struct
 import subprocess
 import sys
@@ -21,8 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
+import requests
 from PIL import Image
 
+from backend import deadline_http
 from backend.images import (
     ImageRejected,
     ImageUnavailable,
@@ -295,6 +299,59 @@ def test_label_studio_refusing_the_key_is_a_permanent_error(label_studio, settin
     assert "not-the-key" not in str(refusal.value)
 
 
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_label_studio_refusing_to_renew_a_personal_access_token_is_a_permanent_error(
+    label_studio, settings, status
+):
+    body = b'{"detail": "Token is invalid or expired"}'
+    label_studio.routes["/api/token/refresh/"] = lambda request: (
+        status,
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+        body,
+    )
+    settings = dataclasses.replace(settings, label_studio_api_key=PAT)
+
+    with pytest.raises(ImageRejected) as refusal:
+        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert not isinstance(refusal.value, ImageUnavailable)
+    assert str(refusal.value) == (
+        f"image /data/upload/3/a.png refused: Label Studio refused LABEL_STUDIO_API_KEY (HTTP {status})"
+    )
+    assert label_studio.headers_for("/data/upload/3/a.png") == []
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_label_studio_failing_to_renew_a_personal_access_token_is_worth_a_retry(
+    label_studio, settings, status
+):
+    body = b'{"detail": "the database is down"}'
+    label_studio.routes["/api/token/refresh/"] = lambda request: (
+        status,
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+        body,
+    )
+    settings = dataclasses.replace(settings, label_studio_api_key=PAT)
+
+    with pytest.raises(ImageUnavailable) as failure:
+        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
+
+    assert str(failure.value) == (
+        "image /data/upload/3/a.png refused: "
+        "cannot renew the Label Studio access token (the database is down)"
+    )
+    assert label_studio.headers_for("/data/upload/3/a.png") == []
+
+
+def test_without_an_api_key_label_studio_is_asked_without_credentials(label_studio, settings, files):
+    label_studio.serve("/data/upload/3/public.png", files["png"])
+    settings = dataclasses.replace(settings, label_studio_api_key="")
+
+    assert load_image("/data/upload/3/public.png", task_id=17, settings=settings).size == (64, 48)
+    assert "Authorization" not in label_studio.headers_for("/data/upload/3/public.png")[0]
+    assert label_studio.headers_for("/api/token/refresh/") == []
+
+
 def test_a_cloud_uri_goes_through_the_presign_redirect_without_the_token(
     label_studio, other_host, settings, files
 ):
@@ -404,7 +461,7 @@ def test_a_body_of_exactly_the_byte_cap_is_accepted_and_one_byte_more_is_not(
     )
     with pytest.raises(ImageRejected) as refused:
         load_image(f"{other_host.url}/edge.png", task_id=17, settings=below)
-    assert refused.value.problem == refusal
+    assert str(refused.value) == f"image {other_host.url}/edge.png refused: {refusal}"
 
 
 def test_a_content_length_over_the_cap_is_refused_before_the_body_is_read(other_host, settings, files):
@@ -416,6 +473,106 @@ def test_a_content_length_over_the_cap_is_refused_before_the_body_is_read(other_
     with pytest.raises(ImageRejected) as refused:
         load_image(f"{other_host.url}/liar.png", task_id=17, settings=settings)
     assert refused.value.problem == f"{len(body) + 1} bytes is more than ROI_IMAGE_MAX_BYTES={len(body)}"
+
+
+def test_an_image_larger_than_one_read_arrives_whole(other_host, settings):
+    noise = encode(Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)), "PNG")
+    assert len(noise) > 2 * 64 * 1024  # the body is read 64 KiB at a time
+    other_host.routes["/noise.png"] = lambda request: (200, {}, noise)
+
+    assert fetch_image_bytes(f"{other_host.url}/noise.png", task_id=17, settings=settings) == noise
+
+
+def test_a_server_that_sends_more_than_the_cap_and_then_stalls_is_refused_at_once(other_host, settings):
+    # The body is read 64 KiB at a time and counted after each read: a read that waited for the whole
+    # body would hold all of it in memory (here: until the deadline shuts the connection).
+    def oversized_then_stalls(request: BaseHTTPRequestHandler) -> Reply:
+        request.send_response(200)
+        request.end_headers()
+        request.wfile.write(b"\x89PNG" + b"\x00" * (2 * 64 * 1024))
+        request.wfile.flush()
+        other_host.released.wait(timeout=30)
+        return 200, {}, b""
+
+    other_host.routes["/stall.png"] = oversized_then_stalls
+    settings = dataclasses.replace(settings, image_max_bytes=100_000, image_timeout_s=3.0)
+
+    started = time.monotonic()
+    with pytest.raises(ImageRejected) as refused:
+        fetch_image_bytes(f"{other_host.url}/stall.png", task_id=17, settings=settings)
+    assert refused.value.problem == "the body is larger than ROI_IMAGE_MAX_BYTES=100000"
+    assert time.monotonic() - started < 1.5, "refused only once the deadline shut the connection"
+
+
+def test_a_body_cut_short_of_its_content_length_is_worth_a_retry(other_host, settings):
+    other_host.routes["/short.png"] = lambda request: (
+        200,
+        {"Content-Length": "1000"},
+        b"\x89PNG" + bytes(10),
+    )
+
+    with pytest.raises(ImageUnavailable) as failure:
+        fetch_image_bytes(f"{other_host.url}/short.png", task_id=17, settings=settings)
+    assert str(failure.value) == (
+        f"image {other_host.url}/short.png refused: the download broke off (ChunkedEncodingError)"
+    )
+
+
+class ScriptedBody:
+    """A response body whose reads are `steps`: bytes, or a callable run at that read (it may raise)."""
+
+    def __init__(self, *steps: bytes | Callable[[], bytes]) -> None:
+        self.steps = list(steps)
+
+    def read(self, amount: int | None = None) -> bytes:
+        step = self.steps.pop(0) if self.steps else b""
+        return step() if callable(step) else step
+
+    def close(self) -> None:
+        pass
+
+
+def session_answering(body: ScriptedBody) -> requests.Session:
+    """A session whose every request gets HTTP 200 with `body`, without any network."""
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
+            response = requests.Response()
+            response.status_code, response.raw, response.url, response.request = (
+                200,
+                body,
+                request.url,
+                request,
+            )
+            return response
+
+    session = requests.Session()
+    session.mount("http://", Adapter())
+    return session
+
+
+def the_deadline_passes_now() -> None:
+    """What the download's timer does when the time is up, done at once instead of waited for."""
+    deadline_http._current.deadline._expire()
+
+
+def test_a_download_cut_off_by_the_deadline_is_worth_a_retry(settings):
+    def shut_by_the_timer() -> bytes:
+        the_deadline_passes_now()
+        raise requests.ConnectionError("the socket was shut down")
+
+    def ended_by_the_timer() -> bytes:
+        the_deadline_passes_now()
+        return b""  # the shut socket reads as the end of a body without Content-Length
+
+    for body in (ScriptedBody(b"\x89PNG", shut_by_the_timer), ScriptedBody(b"\x89PNG", ended_by_the_timer)):
+        with pytest.raises(ImageUnavailable) as failure:
+            fetch_image_bytes(
+                "http://localhost:1/a.png", task_id=17, settings=settings, session=session_answering(body)
+            )
+        assert (
+            str(failure.value) == "image http://localhost:1/a.png refused: the download took longer than 2 s"
+        )
 
 
 def test_a_slow_server_is_given_up_on_after_the_timeout(other_host, settings, files):
@@ -476,8 +633,11 @@ def test_too_many_pixels_are_refused_from_the_header(other_host, settings, files
     other_host.serve("/large.png", files["large.png"])
     settings = dataclasses.replace(settings, image_max_pixels=10_000)
 
-    with pytest.raises(ImageRejected, match="300x300 is 90000 pixels, more than ROI_IMAGE_MAX_PIXELS=10000"):
+    with pytest.raises(ImageRejected) as refused:
         load_image(f"{other_host.url}/large.png", task_id=17, settings=settings)
+    assert str(refused.value) == (
+        f"image {other_host.url}/large.png refused: 300x300 is 90000 pixels, more than ROI_IMAGE_MAX_PIXELS=10000"
+    )
 
 
 def test_an_animation_gives_its_first_frame(other_host, settings, files):
@@ -715,6 +875,40 @@ def test_threads_sharing_the_cache_keep_its_byte_count_right(settings):
     ]
     assert 0 < cache.size_bytes <= 1000
     assert sum(held) == cache.size_bytes
+
+
+def test_an_entry_lives_sixty_seconds_by_default(settings):
+    clock = ManualClock()
+    cache = RecentImages(clock=clock)
+    cache.put("a", 1, settings, b"a")
+
+    clock.now += 59.9
+    assert cache.get("a", 1, settings) == b"a"
+    clock.now += 0.1
+    assert cache.get("a", 1, settings) is None
+    assert (cache.ttl_s, cache.max_bytes) == (60.0, 64 * 1024 * 1024)
+
+
+def test_the_smallest_cache_keeps_one_byte_for_half_a_second(settings):
+    clock = ManualClock()
+    cache = RecentImages(ttl_s=0.5, max_bytes=1, clock=clock)
+    assert (cache.ttl_s, cache.max_bytes) == (0.5, 1)
+
+    cache.put("a", 1, settings, b"a")  # exactly max_bytes: kept
+    assert cache.get("a", 1, settings) == b"a" and cache.size_bytes == 1
+    clock.now += 0.5
+    assert cache.get("a", 1, settings) is None
+
+
+def test_a_new_fetch_too_large_to_keep_drops_the_older_bytes_of_its_url(settings):
+    cache = RecentImages(ttl_s=60, max_bytes=100)
+    cache.put("a", 1, settings, b"a" * 40)
+    cache.put("b", 1, settings, b"b" * 10)
+
+    cache.put("a", 1, settings, b"A" * 101)  # the image changed and grew: the old bytes are stale
+
+    assert cache.get("a", 1, settings) is None
+    assert cache.get("b", 1, settings) == b"b" * 10 and cache.size_bytes == 10
 
 
 def test_the_cache_refuses_a_non_positive_size_or_ttl():
@@ -1012,3 +1206,209 @@ def test_a_trickling_server_is_cut_off_at_the_timeout(settings, trickle_headers)
         server.close()
     assert server.connections == 1
     assert elapsed < 30, f"held {elapsed:.1f} s by a server that sends a byte every 0.05 s"
+
+
+# --- every refusal, word for word ----------------------------------------------------------------------
+
+
+def refusal_of(url: object, settings: Settings, task_id: int | None = 17) -> ImageRejected:
+    """The ImageRejected that loading `url` raises; it names the URL it was given."""
+    with pytest.raises(ImageRejected) as refused:
+        load_image(url, task_id=task_id, settings=settings)
+    if isinstance(url, str) and url.strip():
+        assert refused.value.url == url.strip()
+    return refused.value
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "image '' refused: the image URL is empty"),
+        ("  \t", "image '  \\t' refused: the image URL is empty"),
+        (None, "image None refused: the image URL is empty"),
+        ("http://[::1/a.png", "image http://[::1/a.png refused: not a valid URL (Invalid IPv6 URL)"),
+        (
+            "http://localhost:x/a.png",
+            "image http://localhost:x/a.png refused: not a valid URL (Failed to parse: 'localhost:x' is not a "
+            "valid host or port)",
+        ),
+        (
+            "ftp://files.example.com/a.png",
+            "image ftp://files.example.com/a.png refused: unsupported URL scheme 'ftp'",
+        ),
+        (
+            "https://images.example.com/a.png",
+            "image https://images.example.com/a.png refused: host 'images.example.com' is not in "
+            "ROI_IMAGE_ALLOWED_HOSTS",
+        ),
+    ],
+)
+def test_url_refusals_word_for_word(settings, url, message):
+    assert str(refusal_of(url, settings)) == message
+
+
+def test_a_cloud_uri_without_a_task_id_word_for_word(settings):
+    assert str(refusal_of("gs://bucket/key.png", settings, task_id=None)) == (
+        "image gs://bucket/key.png refused: a cloud storage URI needs the task id (Label Studio presigns it "
+        "per task)"
+    )
+
+
+def test_local_file_refusals_word_for_word(settings, local_root, tmp_path, files):
+    (local_root / "imgs" / "loop.png").symlink_to(local_root / "imgs" / "loop.png")
+    (local_root / "imgs" / "big.png").write_bytes(files["large.png"])
+    small = dataclasses.replace(settings, image_max_bytes=100)
+    disabled = dataclasses.replace(settings, local_files_root=None)
+    long_name = "a" * 300 + ".png"
+
+    assert [
+        str(refusal_of("imgs/a.png", disabled)),
+        str(refusal_of("file://files.example.com/imgs/a.png", settings)),
+        str(refusal_of("../outside.png", settings)),
+        str(refusal_of("imgs/missing.png", settings)),
+        str(refusal_of(f"imgs/{long_name}", settings)),
+        str(refusal_of("imgs/loop.png", settings)),
+        str(refusal_of("imgs/big.png", small)),
+    ] == [
+        "image imgs/a.png refused: local files are disabled (set ROI_LOCAL_FILES_ROOT to allow a directory)",
+        "image file://files.example.com/imgs/a.png refused: file URL names another machine "
+        "('files.example.com')",
+        "image ../outside.png refused: the path leads outside ROI_LOCAL_FILES_ROOT",
+        "image imgs/missing.png refused: no such file",
+        f"image imgs/{long_name} refused: cannot read the file (File name too long)",
+        "image imgs/loop.png refused: the path is a symlink loop",
+        "image imgs/big.png refused: the file is larger than ROI_IMAGE_MAX_BYTES=100",
+    ]
+
+
+def test_file_urls_on_this_machine_are_read_whatever_the_letter_case(settings, local_root):
+    path = local_root / "imgs" / "a.png"
+    for url in (f"file://localhost{path}", f"FILE://{path}", f"File:{path}"):
+        assert load_image(url, task_id=None, settings=settings).size == (64, 48), url
+
+
+def test_http_refusals_word_for_word(label_studio, other_host, settings, files):
+    other_host.serve("/page.png", files["not-an-image"])
+    label_studio.redirect("/data/upload/loop.png", "/data/upload/loop.png")
+    other_host.serve("/gone.png", b"", status=404)
+
+    assert [
+        str(refusal_of(f"{other_host.url}/page.png", settings)),
+        str(refusal_of("/data/upload/loop.png", settings)),
+        str(refusal_of(f"{other_host.url}/gone.png?sig=secret", settings)),
+    ] == [
+        f"image {other_host.url}/page.png refused: not an image in a supported format (JPEG, PNG, "
+        "WEBP, GIF, BMP, AVIF)",
+        "image /data/upload/loop.png refused: more than 3 redirects",
+        f"image {other_host.url}/gone.png?sig=secret refused: HTTP 404 from http://localhost:{port_of(other_host)}"
+        "/gone.png",
+    ]
+
+
+@pytest.mark.parametrize("status", [429, 500, 502])
+def test_too_many_requests_and_server_errors_are_worth_a_retry(other_host, settings, status):
+    other_host.serve("/busy.png", b"", status=status)
+
+    with pytest.raises(ImageUnavailable) as failure:
+        load_image(f"{other_host.url}/busy.png", task_id=17, settings=settings)
+    assert failure.value.problem == f"HTTP {status} from http://localhost:{port_of(other_host)}/busy.png"
+
+
+def test_a_closed_port_is_worth_a_retry_word_for_word(settings):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once it is closed
+
+    with pytest.raises(ImageUnavailable) as failure:
+        load_image(f"http://localhost:{port}/a.png", task_id=17, settings=settings)
+    assert str(failure.value) == (
+        f"image http://localhost:{port}/a.png refused: cannot connect to http://localhost:{port} (ConnectionError)"
+    )
+
+
+def test_a_host_that_never_accepts_the_connection_is_given_up_on_at_the_timeout(settings):
+    # A listener whose queue is full drops further connection attempts, as a firewalled host does.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    waiting = [socket.socket() for _ in range(3)]
+    for sock in waiting:
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+    settings = dataclasses.replace(settings, image_timeout_s=0.3)
+    refusals: list[ImageRejected] = []
+
+    def fetch() -> None:
+        try:
+            load_image(f"http://localhost:{port}/a.png", task_id=17, settings=settings)
+        except ImageRejected as refusal:
+            refusals.append(refusal)
+
+    fetching = threading.Thread(target=fetch, daemon=True)
+    fetching.start()
+    fetching.join(timeout=3)  # without a connect timeout it would wait for the kernel to give up (minutes)
+    for sock in [*waiting, listener]:
+        sock.close()
+    assert not fetching.is_alive(), "still connecting after 3 s"
+    [refusal] = refusals
+    assert isinstance(refusal, ImageUnavailable)
+    assert str(refusal) == (
+        f"image http://localhost:{port}/a.png refused: http://localhost:{port} did not answer within 0.3 s"
+    )
+
+
+@pytest.mark.parametrize("trickle_headers", [False, True], ids=["body", "headers"])
+def test_a_trickling_server_is_cut_off_at_the_deadline(settings, trickle_headers):
+    server = TrickleServer(
+        trickle_headers=trickle_headers, interval_s=0.05, total_s=3.0
+    )  # no read waits 0.3 s
+    settings = dataclasses.replace(settings, image_timeout_s=0.3)
+    url = f"{server.url}/slow.png"
+    try:
+        with pytest.raises(ImageUnavailable) as failure:
+            fetch_image_bytes(url, task_id=17, settings=settings)
+    finally:
+        server.close()
+    if trickle_headers:
+        assert str(failure.value) == f"image {url} refused: {server.url} did not answer within 0.3 s"
+    else:  # the headers come at once: it is cut off in the body, unless the machine is very slow
+        assert re.fullmatch(
+            rf"image {url} refused: (the download took longer than|{server.url} did not answer within) 0\.3 s",
+            str(failure.value),
+        )
+
+
+def test_the_body_is_asked_for_without_compression(other_host, settings, files):
+    other_host.serve("/b.png", files["png"])
+
+    load_image(f"{other_host.url}/b.png", task_id=17, settings=settings)
+
+    [headers] = other_host.headers_for("/b.png")
+    assert {name.lower(): value for name, value in headers.items()}["accept-encoding"] == "identity"
+
+
+def test_a_label_studio_url_with_a_trailing_slash_works(label_studio, settings):
+    settings = dataclasses.replace(settings, label_studio_url=label_studio.url + "/")
+
+    assert load_image("/data/upload/3/a.png", task_id=17, settings=settings).size == (64, 48)
+    assert [path for _, path, _ in label_studio.requests] == ["/data/upload/3/a.png"]
+
+
+def test_a_given_session_is_the_one_used(settings, files):
+    session = session_answering(ScriptedBody(files["png"]))
+
+    image = load_image("http://localhost:1/a.png", task_id=17, settings=settings, session=session)
+
+    assert image.size == (64, 48)
+
+
+def test_fetches_and_reuses_are_logged_with_where_the_bytes_came_from(label_studio, settings, caplog):
+    caplog.set_level(logging.DEBUG, logger="backend.images")
+    cache = RecentImages()
+
+    for _ in range(2):
+        fetch_image_bytes("/data/upload/3/a.png", task_id=17, settings=settings, cache=cache)
+
+    assert [record.getMessage() for record in caplog.records if record.name == "backend.images"] == [
+        f"fetching image /data/upload/3/a.png from {label_studio.url}/data/upload/3/a.png",
+        "image /data/upload/3/a.png: reusing the bytes fetched recently",
+    ]
