@@ -141,32 +141,8 @@ def plot_report(registry: ModelRegistry, out: Path) -> list[str]:
         )
         for moment, value, version in held_out:
             axis.annotate(version, (moment, value), textcoords="offset points", xytext=(0, 6), fontsize=8)
-    acceptance = [
-        (datetime.fromisoformat(run["at"]), rate["rate"])
-        for run in runs
-        for version, rate in run.get("acceptance", {}).items()
-        if version == run["parent"]
-    ]
-    if acceptance:
-        axis.plot(
-            [t for t, _ in acceptance],
-            [v for _, v in acceptance],
-            "s--",
-            label="proposals accepted unchanged",
-        )
-    effort = [
-        (datetime.fromisoformat(run["at"]), rate["edit_distance"])
-        for run in runs
-        for version, rate in run.get("acceptance", {}).items()
-        if version == run["parent"] and rate.get("edit_distance") is not None
-    ]
-    if effort:
-        axis.plot(
-            [t for t, _ in effort],
-            [v for _, v in effort],
-            "^:",
-            label="reviewers' edits (normalised edit distance)",
-        )
+    _plot_served_versions(axis, runs, "rate", "s--", "proposals accepted unchanged")
+    _plot_served_versions(axis, runs, "edit_distance", "^:", "reviewers' edits (normalised edit distance)")
     rejected = [datetime.fromisoformat(run["at"]) for run in runs if not run.get("promoted")]
     for moment in rejected:
         axis.axvline(moment, color="grey", alpha=0.3, linewidth=1)
@@ -181,6 +157,20 @@ def plot_report(registry: ModelRegistry, out: Path) -> list[str]:
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return [text.get_text() for text in axis.get_legend().get_texts()]  # the lines drawn
+
+
+def _plot_served_versions(axis, runs: list[dict], figure: str, style: str, label: str) -> None:
+    """One of the reviewers' effort figures of the version each run started from, at the run's time."""
+    from datetime import datetime
+
+    points = [
+        (datetime.fromisoformat(run["at"]), effort[figure])
+        for run in runs
+        for version, effort in run.get("acceptance", {}).items()
+        if version == run["parent"] and effort.get(figure) is not None
+    ]
+    if points:
+        axis.plot([moment for moment, _ in points], [value for _, value in points], style, label=label)
 
 
 def _of_lineage(run: dict, project: int | None) -> bool:
