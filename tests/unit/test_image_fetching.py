@@ -299,11 +299,19 @@ def test_label_studio_refusing_the_key_is_a_permanent_error(label_studio, settin
     assert "not-the-key" not in str(refusal.value)
 
 
-@pytest.mark.parametrize("status", [400, 401, 403])
-def test_label_studio_refusing_to_renew_a_personal_access_token_is_a_permanent_error(
-    label_studio, settings, status
+@pytest.mark.parametrize(
+    ("status", "detail", "transient", "problem"),
+    [
+        *[(status, "Token is invalid or expired", False,
+           f"Label Studio refused LABEL_STUDIO_API_KEY (HTTP {status})") for status in (400, 401, 403)],
+        *[(status, "the database is down", True,
+           "cannot renew the Label Studio access token (the database is down)") for status in (404, 500)],
+    ],
+)  # fmt: skip
+def test_a_failed_renewal_of_a_personal_access_token_is_permanent_only_when_label_studio_refuses_it(
+    label_studio, settings, status, detail, transient, problem
 ):
-    body = b'{"detail": "Token is invalid or expired"}'
+    body = json.dumps({"detail": detail}).encode()
     label_studio.routes["/api/token/refresh/"] = lambda request: (
         status,
         {"Content-Type": "application/json", "Content-Length": str(len(body))},
@@ -314,32 +322,8 @@ def test_label_studio_refusing_to_renew_a_personal_access_token_is_a_permanent_e
     with pytest.raises(ImageRejected) as refusal:
         load_image("/data/upload/3/a.png", task_id=17, settings=settings)
 
-    assert not isinstance(refusal.value, ImageUnavailable)
-    assert str(refusal.value) == (
-        f"image /data/upload/3/a.png refused: Label Studio refused LABEL_STUDIO_API_KEY (HTTP {status})"
-    )
-    assert label_studio.headers_for("/data/upload/3/a.png") == []
-
-
-@pytest.mark.parametrize("status", [404, 500])
-def test_label_studio_failing_to_renew_a_personal_access_token_is_worth_a_retry(
-    label_studio, settings, status
-):
-    body = b'{"detail": "the database is down"}'
-    label_studio.routes["/api/token/refresh/"] = lambda request: (
-        status,
-        {"Content-Type": "application/json", "Content-Length": str(len(body))},
-        body,
-    )
-    settings = dataclasses.replace(settings, label_studio_api_key=PAT)
-
-    with pytest.raises(ImageUnavailable) as failure:
-        load_image("/data/upload/3/a.png", task_id=17, settings=settings)
-
-    assert str(failure.value) == (
-        "image /data/upload/3/a.png refused: "
-        "cannot renew the Label Studio access token (the database is down)"
-    )
+    assert isinstance(refusal.value, ImageUnavailable) is transient
+    assert str(refusal.value) == f"image /data/upload/3/a.png refused: {problem}"
     assert label_studio.headers_for("/data/upload/3/a.png") == []
 
 
